@@ -1,0 +1,57 @@
+"""One place that turns (norm, SAP) choices into layers, so every architecture builds the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from common.layers import ReLU, SparseConv2d, SparseLinear
+from common.nsconv import RELU_GAMMA, NSConv2d
+
+Norm = Literal["batchnorm", "nsconv", "none"]
+NORMS: tuple[str, ...] = ("batchnorm", "nsconv", "none")
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Builds convolutions, norms and activations for one model.
+
+    ``norm``: ``batchnorm`` (conv-BN-ReLU), ``nsconv`` (NSConv-ReLU, no BatchNorm anywhere) or
+    ``none`` (plain sparse conv, no normalisation). ``act_sparsity``: ``None`` for plain autograd,
+    else SAP's ``s_ta`` for every layer except the stem.
+    """
+
+    norm: Norm = "nsconv"
+    act_sparsity: float | None = None
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.act_sparsity is not None and not 0.0 <= self.act_sparsity <= 1.0:
+            raise ValueError(f"act_sparsity must be None or lie in [0, 1], got {self.act_sparsity}")
+
+    def conv(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
+             after_relu: bool = True, stem: bool = False, padding: int | None = None) -> SparseConv2d:
+        """A ``kernel``x``kernel`` convolution, 'same' padding unless ``padding`` is given.
+
+        ``after_relu`` tells NSConv whether its input is a ReLU output (γ = RELU_GAMMA keeps the
+        variance) or a centred tensor (γ = 1). The ``stem`` reads the input batch, which the training
+        loop holds anyway: caching it sparsely would free nothing and only blur the first layer's
+        gradient, so the stem never uses SAP.
+        """
+        kwargs = dict(stride=stride, padding=kernel // 2 if padding is None else padding, groups=groups,
+                      act_sparsity=None if stem else self.act_sparsity, sap_capable=not stem)
+        if self.norm == "nsconv":
+            return NSConv2d(c_in, c_out, kernel, bias=True, gamma=RELU_GAMMA if after_relu else 1.0, **kwargs)
+        return SparseConv2d(c_in, c_out, kernel, bias=self.norm == "none", **kwargs)
+
+    def norm2d(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels) if self.norm == "batchnorm" else nn.Identity()
+
+    def relu(self, upper: float | None = None) -> ReLU:
+        return ReLU(upper, bitmask=self.act_sparsity is not None)
+
+    def linear(self, c_in: int, c_out: int) -> SparseLinear:
+        return SparseLinear(c_in, c_out, act_sparsity=self.act_sparsity)
