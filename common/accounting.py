@@ -115,21 +115,29 @@ class MemoryEstimate:
     sparse_activations: int
     topk: int
 
-    @property
-    def fedavg(self) -> int:
-        return 2 * self.dense_params + 2 * self.dense_activations
+    def footprint(self, sparse_params: bool, sap: bool) -> int:
+        """Training memory of a configuration: parameters and their gradients, the activation cache
+        (sparse under SAP) and the activation gradients (never pruned), and top-K gradients when the
+        model is sparse (FedTiny, FedDST, FedMef adjust it)."""
+        params = self.sparse_params if sparse_params else self.dense_params
+        cache = self.sparse_activations if sap else self.dense_activations
+        return 2 * params + cache + self.dense_activations + (self.topk if sparse_params else 0)
 
     @property
-    def pqsu(self) -> int:
+    def fedavg(self) -> int:
+        return self.footprint(sparse_params=False, sap=False)
+
+    @property
+    def pqsu(self) -> int:  # static sparse model, no top-K gradients
         return 2 * self.sparse_params + 2 * self.dense_activations
 
     @property
     def fedtiny(self) -> int:  # FedDST has the same footprint
-        return 2 * self.sparse_params + 2 * self.dense_activations + self.topk
+        return self.footprint(sparse_params=True, sap=False)
 
     @property
     def fedmef(self) -> int:
-        return 2 * self.sparse_params + self.sparse_activations + self.dense_activations + self.topk
+        return self.footprint(sparse_params=True, sap=True)
 
 
 def estimate_memory(costs: list[LayerCost], act_sparsity: float, adjust_fraction: float = 0.4) -> MemoryEstimate:

@@ -230,22 +230,28 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
 
 
+_GATHER_BITS = 0x8040201008040201 - (1 << 64)  # the same 64 bits as a signed int64
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack bools MSB-first into uint8 like ``numpy.packbits``: the FedMef App. 7.1 bitmap."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise CodecError(f"pack_bits needs a torch.bool tensor, got {got}")
     flat = mask.reshape(-1)
+    if flat.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=mask.device)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(torch.uint8).view(-1, 8)
-    # Shift-and-or over the 8 strided columns is exact and measured ~2x faster than a
-    # weighted sum on CPU; it only touches 8 vector ops regardless of the tensor size.
-    out = bits[:, 0] << 7
-    for i in range(1, 8):
-        out |= bits[:, i] << (7 - i)
-    return out
+    # Eight 0/1 bytes read as one uint64 (little-endian: x86-64 and the Pi's aarch64) and multiplied
+    # by 0x8040201008040201 put byte i's bit at position 63 - i with no carries, so the top byte is
+    # the MSB-first packed byte: one multiply per 8 elements instead of eight shift-or passes.
+    groups = flat.view(torch.uint8)
+    if groups.storage_offset() % 8 or not groups.is_contiguous():
+        groups = groups.clone(memory_format=torch.contiguous_format)
+    words = groups.view(torch.int64) * _GATHER_BITS
+    return ((words >> 56) & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:

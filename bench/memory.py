@@ -1,0 +1,151 @@
+"""Training memory and step time per configuration: measured, next to the paper's estimates.
+
+Run as ``python -m bench.memory``. For ResNet18 and MobileNetV2 (batch 64, 3x32x32) and each
+configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9; each dense and at parameter sparsity
+0.9) a fresh child process trains a few SGD steps and reports:
+
+- ``activation_bytes``: every storage autograd holds between forward and backward, counted
+  exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
+- parameter, gradient and optimizer (momentum) bytes as allocated;
+- the child's peak RSS (``ru_maxrss``) and its median step time;
+- the appendix 7.2 memory estimate and appendix 7.3 FLOPs for the same model.
+
+Writes ``bench/results/memory.json`` and ``memory.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
+from common.masks import load_masks, random_masks, weight_shapes
+from common.models import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("resnet18", "mobilenetv2")
+# (label, norm, act_sparsity)
+CONFIGS = (("batchnorm", "batchnorm", None), ("nsconv", "nsconv", None), ("nsconv+sap", "nsconv", 0.9))
+PARAM_SPARSITIES = (0.0, 0.9)
+BATCH, STEPS, WARMUP = 64, 5, 1
+
+
+def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsity: float,
+            batch: int, steps: int) -> dict:
+    """Train ``steps`` SGD steps (after one warm-up) and measure; runs inside the child process."""
+    torch.manual_seed(0)
+    model = build_model(model_name, norm=norm, act_sparsity=act_sparsity)
+    if param_sparsity > 0:
+        load_masks(model, random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
+    times, held = [], None
+    for step in range(WARMUP + steps):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with SavedTensorMeter(model) as meter:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if step >= WARMUP:
+            times.append(time.perf_counter() - start)
+        held = meter.held
+    params = list(model.parameters())
+    costs = profile_layers(model, x)
+    estimate = estimate_memory(costs, act_sparsity or 0.0)
+    flops = estimate_flops(costs, param_sparsity)
+    sparse, sap = param_sparsity > 0, act_sparsity is not None
+    return {
+        "activation_bytes": held.activation_bytes,
+        "saved_tensors": held.tensors,
+        "parameter_bytes": sum(p.nbytes for p in params),
+        "gradient_bytes": sum(p.grad.nbytes for p in params if p.grad is not None),
+        "optimizer_bytes": sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "step_seconds_median": statistics.median(times),
+        "step_seconds": times,
+        "estimate_bytes": estimate.footprint(sparse, sap),
+        "estimate_terms": estimate.__dict__,
+        "train_flops_per_step": 3 * (flops.sparse if sparse else flops.dense) + (3 * flops.overhead if sap else 0),
+        "inference_flops": {"dense": flops.dense, "sparse": flops.sparse, "sap_bae_overhead": flops.overhead},
+    }
+
+
+def run_child(model_name: str, label: str, norm: str, act_sparsity, param_sparsity: float, batch: int, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.memory", "--child", json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps])]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{model_name}/{label} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def table(results: dict) -> str:
+    rows = ["| model | config | s_tm | held for backward (MiB) | params | grads | optim | peak RSS | estimate (app. 7.2) | step s (median) | train GFLOP/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model_name, entry in results["models"].items():
+        for key, r in entry["configs"].items():
+            rows.append(f"| {model_name} | {r['config']} | {r['param_sparsity']} | {mib(r['activation_bytes'])} | "
+                        f"{mib(r['parameter_bytes'])} | {mib(r['gradient_bytes'])} | {mib(r['optimizer_bytes'])} | "
+                        f"{mib(r['peak_rss_bytes'])} | {mib(r['estimate_bytes'])} | {r['step_seconds_median']:.2f} | "
+                        f"{r['train_flops_per_step'] / 1e9:.1f} |")
+    rows.append("")
+    rows.append("| model | s_tm | activation bytes nsconv / nsconv+SAP | step time nsconv+SAP / nsconv |")
+    rows.append("|---|---|---|---|")
+    for model_name, entry in results["models"].items():
+        for s, ratio in entry["ratios"].items():
+            rows.append(f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(*json.loads(args.child))))
+        return
+
+    results = {"batch": args.batch, "input": [3, 32, 32], "steps": args.steps, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "models": {}}
+    for model_name in args.models:
+        configs = {}
+        for label, norm, act_sparsity in CONFIGS:
+            for s in PARAM_SPARSITIES:
+                print(f"[bench.memory] {model_name} {label} s_tm={s} ...", file=sys.stderr, flush=True)
+                r = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps)
+                configs[f"{label}@{s}"] = {"config": label, "norm": norm, "act_sparsity": act_sparsity, "param_sparsity": s, **r}
+        ratios = {}
+        for s in PARAM_SPARSITIES:
+            plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]
+            ratios[str(s)] = {"activation_reduction": plain["activation_bytes"] / sap["activation_bytes"],
+                              "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"]}
+        results["models"][model_name] = {
+            "configs": configs, "ratios": ratios,
+            "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory.json").write_text(json.dumps(results, indent=2))
+    text = table(results)
+    (args.out / "memory.md").write_text(f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps, torch {torch.__version__})\n\n{text}\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Shared fixtures for the common.* test modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state, so statistical checks are deterministic."""
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's many tiny ops on one intra-op thread, then restore the setting.
+
+    On a 2-core machine shared with other work, OpenMP hand-offs make a 8x8 convolution ~100x
+    slower than single-threaded; the tensors here are far too small to gain from threads.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
