@@ -73,11 +73,30 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an uint8 IDX file; {FASHION_MNIST_HELP}")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} ends inside its header: truncated; {FASHION_MNIST_HELP}")
     dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
         raise DataError(f"{path} holds {len(raw)} bytes, its header promises {expected}: truncated; {FASHION_MNIST_HELP}")
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _checked_split(name: str, images: np.ndarray, labels: np.ndarray, source: Path, help_text: str) -> Split:
+    if len(images) != len(labels):
+        raise DataError(f"{source}: {len(images)} images but {len(labels)} labels; the files do not belong together, {help_text}")
+    return _standardise(name, images, labels)
+
+
+def _cifar_images(x: np.ndarray, source: Path) -> np.ndarray:
+    """Rows of 3072 bytes (the pickles' CHW order), NCHW, or NHWC (as Keras saves it) -> NCHW."""
+    if x.ndim == 2 and x.shape[1] == 3072:
+        return x.reshape(-1, 3, 32, 32)
+    if x.shape[1:] == (3, 32, 32):
+        return x
+    if x.shape[1:] == (32, 32, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise DataError(f"{source}: images of shape {x.shape} are neither (N, 3072), (N, 3, 32, 32) nor (N, 32, 32, 3); {CIFAR10_HELP}")
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -95,10 +114,10 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
                                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
         if all(files.values()):
             parts = {stem: _read_idx(path) for stem, path in files.items()}
-            train = _standardise("fashion-mnist", parts["train-images-idx3-ubyte"][:, None],
-                                 parts["train-labels-idx1-ubyte"])
-            test = _standardise("fashion-mnist", parts["t10k-images-idx3-ubyte"][:, None],
-                                parts["t10k-labels-idx1-ubyte"])
+            train = _checked_split("fashion-mnist", parts["train-images-idx3-ubyte"][:, None],
+                                   parts["train-labels-idx1-ubyte"], folder, FASHION_MNIST_HELP)
+            test = _checked_split("fashion-mnist", parts["t10k-images-idx3-ubyte"][:, None],
+                                  parts["t10k-labels-idx1-ubyte"], folder, FASHION_MNIST_HELP)
             return Dataset("fashion-mnist", train, test, 10)
     raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, folders))}: {FASHION_MNIST_HELP}")
 
@@ -113,8 +132,9 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
                 parts = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"cannot read {npz}: {exc}; {CIFAR10_HELP}") from exc
-        return Dataset("cifar10", _standardise("cifar10", parts["x_train"].reshape(-1, 3, 32, 32), parts["y_train"]),
-                       _standardise("cifar10", parts["x_test"].reshape(-1, 3, 32, 32), parts["y_test"]), 10)
+        return Dataset("cifar10",
+                       _checked_split("cifar10", _cifar_images(parts["x_train"], npz), parts["y_train"], npz, CIFAR10_HELP),
+                       _checked_split("cifar10", _cifar_images(parts["x_test"], npz), parts["y_test"], npz, CIFAR10_HELP), 10)
     batches = folder / "cifar-10-batches-py" if (folder / "cifar-10-batches-py").is_dir() else folder
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if all((batches / n).is_file() for n in names):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.sap import ConvOp, LinearOp, bitmask_relu, masked_layer
+from common.sap import ConvOp, LinearOp, bitmask_relu, lean_avg_pool2d, lean_max_pool2d, masked_layer
 
 
 def masked_weight(theta: torch.Tensor, mask: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +87,25 @@ class ReLU(nn.Module):
         return f"upper={self.upper}, bitmask={self.bitmask}"
 
 
+class Pool2d(nn.Module):
+    """Non-overlapping ``max`` or ``avg`` pooling; ``lean=True`` keeps only what backward needs
+    (int32 argmax indices, or nothing) instead of autograd's copy of the whole input."""
+
+    def __init__(self, kind: str, kernel: int, lean: bool = False):
+        super().__init__()
+        if kind not in ("max", "avg"):
+            raise ValueError(f"pooling kind must be 'max' or 'avg', got {kind!r}")
+        self.kind, self.kernel, self.lean = kind, kernel, lean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return (lean_max_pool2d if self.kind == "max" else lean_avg_pool2d)(x, self.kernel)
+        return (F.max_pool2d if self.kind == "max" else F.avg_pool2d)(x, self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, kernel={self.kernel}, lean={self.lean}"
+
+
 def set_activation_sparsity(model: nn.Module, s_ta: float | None) -> None:
     """Switch SAP on (``s_ta`` a float) or off (``None``) in every layer that was built for it.
 
@@ -99,3 +118,5 @@ def set_activation_sparsity(model: nn.Module, s_ta: float | None) -> None:
             module.act_sparsity = s_ta
         elif isinstance(module, ReLU):
             module.bitmask = s_ta is not None
+        elif isinstance(module, Pool2d):
+            module.lean = s_ta is not None

@@ -123,13 +123,17 @@ def load_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     if unknown:
         raise KeyError(f"masks for unknown weights {sorted(unknown)}; expected names like {next(iter(weights), '')!r}")
     modules = dict(model.named_modules())
+    targets = {}
     for name, mask in masks.items():
         module = modules[name.rsplit(".", 1)[0] if "." in name else ""]
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}")
         if getattr(module, "mask", None) is None:
             raise TypeError(f"{name} belongs to a {type(module).__name__} without a mask buffer; build the model from common.layers")
-        module.mask.copy_(mask.to(torch.bool))
+        targets[name] = module
+    # Everything is validated before the first copy, so a bad call leaves the model untouched.
+    for name, module in targets.items():
+        module.mask.copy_(masks[name].to(torch.bool))
     apply_masks_(model, masks)
 
 

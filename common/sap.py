@@ -181,3 +181,52 @@ class BitMaskReLUFunction(torch.autograd.Function):
 
 def bitmask_relu(x: torch.Tensor, upper: float | None = None) -> torch.Tensor:
     return BitMaskReLUFunction.apply(x, upper)
+
+
+class _LeanMaxPool2dFunction(torch.autograd.Function):
+    """Max-pooling (kernel = stride) that keeps, per output, the argmax's uint8 offset inside its
+    k x k window (1 byte) instead of its fp32 input plus int64 indices (2.25 bytes per input)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        if kernel * kernel > 256:
+            raise ValueError(f"lean max-pooling stores window offsets in uint8: kernel {kernel} is too large")
+        out, indices = F.max_pool2d(x, kernel, return_indices=True)
+        width = x.shape[-1]
+        rows, cols = indices // width, indices % width
+        ctx.kernel, ctx.in_size = kernel, x.shape[-2:]
+        ctx.save_for_backward(((rows % kernel) * kernel + cols % kernel).to(torch.uint8))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (offsets,) = ctx.saved_tensors
+        k, width = ctx.kernel, ctx.in_size[-1]
+        offsets = offsets.long()
+        out_h, out_w = offsets.shape[-2:]
+        rows = torch.arange(out_h).view(-1, 1) * k + offsets // k
+        cols = torch.arange(out_w).view(1, -1) * k + offsets % k
+        return F.max_unpool2d(grad_out, rows * width + cols, k, output_size=ctx.in_size), None
+
+
+class _LeanAvgPool2dFunction(torch.autograd.Function):
+    """Average pooling that keeps only its input's shape: its backward never reads the input."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.kernel, ctx.in_shape = kernel, x.shape
+        return F.avg_pool2d(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        k = [ctx.kernel, ctx.kernel]
+        shape_only = grad_out.new_empty(ctx.in_shape)  # ATen takes the input for its size alone
+        return torch.ops.aten.avg_pool2d_backward(grad_out, shape_only, k, k, [0, 0], False, True, None), None
+
+
+def lean_max_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    return _LeanMaxPool2dFunction.apply(x, kernel)
+
+
+def lean_avg_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    return _LeanAvgPool2dFunction.apply(x, kernel)

@@ -1,4 +1,4 @@
-"""Shared fixtures for the common.* test modules."""
+"""Shared fixtures for the common.* test modules (used through ``pytestmark``, not autouse)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    """Every test starts from the same global RNG state, so statistical checks are deterministic."""
+@pytest.fixture
+def seeded():
+    """Start a test from a fixed global RNG state, so its statistical checks are deterministic."""
     torch.manual_seed(1234)
     yield
 
@@ -17,7 +17,7 @@ def _seed():
 def one_thread():
     """Run a module's many tiny ops on one intra-op thread, then restore the setting.
 
-    On a 2-core machine shared with other work, OpenMP hand-offs make a 8x8 convolution ~100x
+    On a 2-core machine shared with other work, OpenMP hand-offs made an 8x8 convolution ~100x
     slower than single-threaded; the tensors here are far too small to gain from threads.
     """
     before = torch.get_num_threads()

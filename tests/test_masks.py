@@ -14,7 +14,7 @@ from common import masks as M
 from common.layers import ReLU, SparseConv2d, SparseLinear
 from common.nsconv import NSConv2d
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 SHAPES = {
     "conv1.weight": (16, 3, 3, 3),
@@ -217,9 +217,6 @@ def test_load_masks_rejects_layer_without_mask_buffer():
         M.load_masks(model, {"0.weight": torch.ones(3, 2, 1, 1, dtype=torch.bool)})
 
 
-@pytest.mark.xfail(strict=True, reason="load_masks is not atomic: it copies earlier masks into the buffers "
-                   "before validating later ones, so a failing call leaves the model half-updated "
-                   "(mask buffers changed, pruned weights not zeroed)")
 def test_load_masks_failure_leaves_model_unchanged():
     model = _Small()
     good = torch.zeros(8, 3, 3, 3, dtype=torch.bool)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import nn
 
-from common.layers import ReLU, SparseConv2d, SparseLinear
+from common.layers import Pool2d, ReLU, SparseConv2d, SparseLinear
 from common.nsconv import RELU_GAMMA, NSConv2d
 
 Norm = Literal["batchnorm", "nsconv", "none"]
@@ -52,6 +52,9 @@ class LayerFactory:
 
     def relu(self, upper: float | None = None) -> ReLU:
         return ReLU(upper, bitmask=self.act_sparsity is not None)
+
+    def pool(self, kind: str, kernel: int = 2) -> Pool2d:
+        return Pool2d(kind, kernel, lean=self.act_sparsity is not None)
 
     def linear(self, c_in: int, c_out: int) -> SparseLinear:
         return SparseLinear(c_in, c_out, act_sparsity=self.act_sparsity)

@@ -1,0 +1,415 @@
+"""Tests for common.sap: scaled activation pruning (FedMef §3.4) and the 1-bit ReLU cache, with
+memory measured through saved-tensor hooks (common.accounting.SavedTensorMeter)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import sap
+from common.accounting import SavedTensorMeter
+from common.layers import ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
+from common.models.factory import LayerFactory
+from common.nsconv import RELU_GAMMA, NSConv2d
+from common.sap import bitmask_relu, compress_activation, keep_mask
+from common.sparse_codec import SparseFormat, decode
+
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
+
+
+def _reset_sampler():
+    sap._sampler.manual_seed(0x5A9)
+
+
+def _masked_random(layer: nn.Module, density: float = 0.5, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    layer.mask.copy_(torch.rand(layer.mask.shape, generator=g) < density)
+    with torch.no_grad():
+        layer.weight.mul_(layer.mask)
+        if getattr(layer, "gain", None) is not None:
+            layer.gain.copy_(torch.rand(layer.gain.shape, generator=g) + 0.5)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    return layer
+
+
+def _run(layer: nn.Module, x: torch.Tensor, s_ta, grad_seed: int = 7):
+    """Forward + backward with a fixed upstream gradient; returns output, input grad, param grads."""
+    layer.act_sparsity = s_ta
+    layer.zero_grad(set_to_none=True)
+    xx = x.detach().clone().requires_grad_(True)
+    y = layer(xx)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)))
+    return y.detach(), xx.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+
+
+LAYERS = {
+    "sparseconv": lambda: (_masked_random(SparseConv2d(6, 8, 3, padding=1, bias=True)), (2, 6, 9, 9)),
+    "sparseconv_nobias": lambda: (_masked_random(SparseConv2d(6, 8, 3, padding=1, bias=False)), (2, 6, 9, 9)),
+    "nsconv": lambda: (_masked_random(NSConv2d(6, 8, 3, padding=1, gamma=RELU_GAMMA)), (2, 6, 9, 9)),
+    "nsconv_depthwise_s2": lambda: (_masked_random(NSConv2d(8, 8, 3, stride=2, padding=1, groups=8)), (2, 8, 11, 11)),
+    "nsconv_grouped_1x1": lambda: (_masked_random(NSConv2d(8, 12, 1, groups=4)), (2, 8, 5, 5)),
+    "linear": lambda: (_masked_random(SparseLinear(20, 7)), (5, 20)),
+    "linear_3d": lambda: (_masked_random(SparseLinear(20, 7)), (3, 4, 20)),
+}
+
+
+# ----------------------------------------------------------------------------- s_ta = 0 is exact
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_zero_activation_sparsity_is_bitwise_identical(kind):
+    layer, shape = LAYERS[kind]()
+    x = torch.randn(shape)
+    y0, gx0, gp0 = _run(layer, x, None)
+    y1, gx1, gp1 = _run(layer, x, 0.0)
+    assert torch.equal(y0, y1)
+    assert torch.equal(gx0, gx1)
+    assert set(gp0) == set(gp1) and len(gp0) >= 1
+    for name in gp0:
+        assert torch.equal(gp0[name], gp1[name]), name
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_plain_path_matches_autograd(kind):
+    layer, shape = LAYERS[kind]()
+    x = torch.randn(shape)
+    y, gx, gp = _run(layer, x, None)
+
+    layer.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    w = layer.effective_weight()
+    if isinstance(layer, nn.Conv2d):
+        ref = F.conv2d(xx, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    else:
+        ref = F.linear(xx, w, layer.bias)
+    ref.backward(torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, xx.grad, rtol=1e-5, atol=1e-6)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(gp[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "gain", "bias"])
+def test_partially_frozen_parameters(frozen):
+    """Each needs_input_grad combination returns the right gradient to the right parameter."""
+    layer = _masked_random(NSConv2d(4, 6, 3, padding=1), seed=3)
+    x = torch.randn(2, 4, 6, 6)
+    _, _, full = _run(layer, x, 0.9)
+    getattr(layer, frozen).requires_grad_(False)
+    _, gx, part = _run(layer, x, 0.9)
+    assert frozen not in part
+    assert set(part) == {"weight", "gain", "bias"} - {frozen}
+    for name in part:
+        assert torch.equal(part[name], full[name]), name
+    assert gx is not None
+
+
+# ----------------------------------------------------------------------------- keep mask / compression
+
+
+def test_sampled_threshold_keeps_ten_percent_of_4m():
+    x = torch.randn(4, 16, 256, 256, generator=torch.Generator().manual_seed(1))
+    assert x.numel() > sap.THRESHOLD_SAMPLE
+    keep = keep_mask(x, 0.9)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    frac = keep.float().mean().item()
+    assert abs(frac - 0.1) <= 0.01, frac
+    enc = compress_activation(x, 0.9)
+    assert abs(enc.nnz / x.numel() - 0.1) <= 0.01
+    assert enc.fmt == SparseFormat.BITMAP
+    # a (sampled) threshold: every kept magnitude beats every dropped one
+    assert x[keep].abs().min() > x[~keep].abs().max()
+    assert x[keep].abs().min() > 1.5  # the 90 % quantile of |N(0,1)| is 1.645
+
+
+@pytest.mark.parametrize("n", [1000, 12345, sap.THRESHOLD_SAMPLE])
+@pytest.mark.parametrize("s_ta", [0.5, 0.9, 0.99])
+def test_exact_threshold_keeps_round_count_and_largest(n, s_ta):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    keep = keep_mask(x, s_ta)
+    assert int(keep.sum()) == round((1 - s_ta) * n)
+    assert x[keep].abs().min() >= x[~keep].abs().max()
+
+
+def test_exact_path_on_4d_tensor():
+    x = torch.randn(2, 8, 10, 10)
+    keep = keep_mask(x, 0.9)
+    assert keep.shape == x.shape
+    assert int(keep.sum()) == round(0.1 * x.numel())
+    assert x[keep].abs().min() >= x[~keep].abs().max()
+
+
+def test_all_zero_tensor_keeps_nothing():
+    for shape in [(4, 10), (2, 8, 130, 130)]:  # exact and sampled paths
+        x = torch.zeros(shape)
+        assert not keep_mask(x, 0.9).any()
+        enc = compress_activation(x, 0.9)
+        assert enc.nnz == 0 and enc.values.numel() == 0
+        assert torch.equal(decode(enc), x)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 30, 30), (4, 16, 80, 80)], ids=["exact", "sampled"])
+def test_mostly_dead_relu_output_keeps_only_nonzeros(shape):
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(shape, generator=g)
+    x = F.relu(z) * (torch.rand(shape, generator=g) < 0.1)  # ~95 % exact zeros
+    zero_frac = (x == 0).float().mean().item()
+    assert 0.93 < zero_frac < 0.97
+    keep = keep_mask(x, 0.9)
+    assert not keep[x == 0].any()
+    assert torch.equal(keep, x != 0)  # every non-zero is among the top 10 %
+
+
+@pytest.mark.parametrize("s_ta", [0.0, 0.3, 0.9, 1.0])
+def test_compress_roundtrip_is_x_times_keep(s_ta):
+    x = torch.randn(3, 5, 7, 7)
+    keep = keep_mask(x, s_ta)
+    enc = compress_activation(x, s_ta)
+    assert torch.equal(decode(enc), x * keep)
+    assert enc.nnz == int(keep.sum())
+
+
+def test_compress_formats():
+    x = torch.randn(2, 4, 16, 16)
+    assert compress_activation(x, 0.0).fmt == SparseFormat.DENSE
+    enc = compress_activation(x, 0.9)
+    assert enc.fmt == SparseFormat.BITMAP
+    n = x.numel()
+    assert enc.positions.nbytes == math.ceil(n / 8)
+    assert enc.values.nbytes == 4 * round(0.1 * n)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_bad_activation_sparsity_raises(bad):
+    x = torch.randn(10)
+    with pytest.raises(ValueError):
+        keep_mask(x, bad)
+    with pytest.raises(ValueError):
+        compress_activation(x, bad)
+    layer = SparseLinear(10, 2, act_sparsity=bad)
+    with pytest.raises(ValueError):
+        layer(x[None])
+    with pytest.raises(ValueError):
+        set_activation_sparsity(nn.Sequential(SparseLinear(3, 2)), bad)
+    with pytest.raises(ValueError):
+        LayerFactory("nsconv", bad)
+
+
+# ----------------------------------------------------------------------------- SAP prunes the cache only
+
+
+@pytest.mark.parametrize("kind", ["sparseconv", "nsconv", "nsconv_depthwise_s2", "linear"])
+def test_sap_gradient_equals_gradient_of_pruned_input(kind):
+    layer, shape = LAYERS[kind]()
+    x = torch.randn(shape)
+    assert x.numel() <= sap.THRESHOLD_SAMPLE  # exact, deterministic keep mask
+    keep = keep_mask(x, 0.9)
+
+    y_none, gx_none, gp_none = _run(layer, x, None)
+    y_sap, gx_sap, gp_sap = _run(layer, x, 0.9)
+    _, _, gp_pruned = _run(layer, x * keep, None)
+
+    # forward output and input gradient do not depend on the cache
+    assert torch.equal(y_sap, y_none)
+    assert torch.equal(gx_sap, gx_none)
+    # the weight-side gradients are those of the explicitly pruned input ...
+    for name in gp_sap:
+        assert torch.equal(gp_sap[name], gp_pruned[name]), name
+    # ... and differ from the dense ones (so the cache really was pruned)
+    assert not torch.equal(gp_sap["weight"], gp_none["weight"])
+    if "bias" in gp_sap:  # the bias gradient needs no activation
+        assert torch.equal(gp_sap["bias"], gp_none["bias"])
+
+
+def test_full_activation_sparsity_gives_zero_weight_gradient():
+    layer, shape = LAYERS["sparseconv"]()
+    x = torch.randn(shape)
+    _, gx_none, _ = _run(layer, x, None)
+    _, gx, gp = _run(layer, x, 1.0)
+    assert torch.equal(gp["weight"], torch.zeros_like(gp["weight"]))
+    assert torch.equal(gx, gx_none)
+
+
+def test_sap_without_input_grad():
+    """A SAP layer reading a tensor that needs no gradient (e.g. a frozen prefix)."""
+    layer, shape = LAYERS["nsconv"]()
+    layer.act_sparsity = 0.9
+    x = torch.randn(shape)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------- 1-bit ReLU
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_bitmask_relu_equals_torch_exactly(upper):
+    x = torch.cat([torch.randn(997) * 5, torch.tensor([0.0, -0.0, 6.0, -6.0, 5.999999, 6.000001, 1e-30, -1e-30])])
+    ref_fn = F.relu if upper is None else F.relu6
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    ya, yb = ref_fn(a), bitmask_relu(b, upper)
+    assert torch.equal(ya, yb)
+    g = torch.randn(x.shape)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_relu_module_bitmask_switch(upper):
+    x = torch.randn(2, 3, 5, 5) * 4
+    plain, bit = ReLU(upper, bitmask=False), ReLU(upper, bitmask=True)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain(a), bit(b)
+    assert torch.equal(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("n", [8 * 125, 1001])
+def test_bitmask_relu_holds_one_bit_per_element(n):
+    x = torch.randn(n, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        bitmask_relu(x * 1.0)
+    assert meter.held.activation_bytes == math.ceil(n / 8)
+    with SavedTensorMeter() as meter:
+        F.relu(x * 1.0)
+    assert meter.held.activation_bytes == 4 * n  # what it replaces
+
+
+# ----------------------------------------------------------------------------- measured memory
+
+
+class _SaveRecorder:
+    """Records every distinct storage autograd saves (size, shape, dtype)."""
+
+    def __init__(self, model: nn.Module):
+        self.model_ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.saved: dict[int, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.model_ptrs:
+            self.saved.setdefault(st.data_ptr(), (st.nbytes(), tuple(t.shape), t.dtype))
+        return t
+
+    def __enter__(self):
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 10, 10), (2, 8, 90, 90)], ids=["exact", "sampled"])
+@pytest.mark.parametrize("ns", [False, True], ids=["sparseconv", "nsconv"])
+def test_single_sap_layer_holds_exactly_its_cache(shape, ns):
+    c_in = shape[1]
+    layer = NSConv2d(c_in, 4, 3, padding=1) if ns else SparseConv2d(c_in, 4, 3, padding=1)
+    layer = _masked_random(layer, seed=5)
+    layer.act_sparsity = 0.9
+    x = torch.randn(shape, requires_grad=True)
+    _reset_sampler()
+    enc = compress_activation(x.detach(), 0.9)
+    _reset_sampler()
+    with SavedTensorMeter(layer) as meter:
+        y = layer(x)
+    assert meter.held.activation_bytes == enc.values.nbytes + enc.positions.nbytes
+    assert meter.held.activation_bytes < 0.15 * x.nbytes
+    # the weights and mask (and the gain) are held by the model anyway; nothing weight-sized extra
+    model_bytes = layer.weight.nbytes + layer.mask.nbytes + (layer.gain.nbytes if ns else 0)
+    assert meter.held.model_bytes == model_bytes
+    # (saved-tensor hooks do not nest, so record the individual storages in a second pass)
+    with _SaveRecorder(layer) as rec:
+        layer(x)
+    assert x.untyped_storage().data_ptr() not in rec.saved
+    assert len(rec.saved) == 2  # values and bitmap, nothing else
+    assert all(size < 0.15 * x.nbytes for size, _, _ in rec.saved.values())
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_plain_layer_holds_its_input():
+    """Control for the test above: without SAP the whole input is held (so the meter can tell)."""
+    layer = _masked_random(SparseConv2d(6, 4, 3, padding=1), seed=5)
+    x = torch.randn(2, 6, 10, 10, requires_grad=True)
+    with SavedTensorMeter(layer) as meter:
+        layer(x)
+    assert meter.held.activation_bytes == x.nbytes
+
+
+def _conv_net(act_sparsity):
+    f = LayerFactory("nsconv", act_sparsity)
+    return nn.Sequential(
+        f.conv(3, 32, 3, after_relu=False, stem=True), f.relu(),
+        f.conv(32, 32, 3), f.relu(),
+        f.conv(32, 32, 3), f.relu(),
+        f.conv(32, 32, 3), f.relu(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), f.linear(32, 10),
+    )
+
+
+def test_sap_conv_net_holds_under_a_fifth_of_the_activation_bytes():
+    x = torch.randn(2, 3, 16, 16)
+    held = {}
+    for s in (None, 0.9):
+        torch.manual_seed(0)
+        net = _conv_net(s)
+        with SavedTensorMeter(net) as meter:
+            out = net(x)
+        out.sum().backward()  # the cache really is enough for backward
+        held[s] = meter.held.activation_bytes
+    full_layer = 2 * 32 * 16 * 16 * 4
+    assert held[None] >= 4 * full_layer  # three conv inputs and the pool input, each held in full
+    assert held[0.9] < held[None] / 5, held
+
+
+def test_sap_conv_net_keeps_no_full_activation():
+    net = _conv_net(0.9)
+    x = torch.randn(2, 3, 16, 16)
+    with _SaveRecorder(net) as rec:
+        net(x)
+    full_layer = 2 * 32 * 16 * 16 * 4
+    # the network input is held by the training loop anyway (the stem never uses SAP) ...
+    assert rec.saved.pop(x.untyped_storage().data_ptr()) == (x.nbytes, tuple(x.shape), torch.float32)
+    # ... and every other saved storage is a small part of one activation
+    assert rec.saved and all(size < 0.15 * full_layer for size, _, _ in rec.saved.values()), rec.saved
+
+
+def test_set_activation_sparsity_switches_layers_but_not_stem():
+    net = _conv_net(None)
+    set_activation_sparsity(net, 0.9)
+    convs = [m for m in net if isinstance(m, SparseConv2d)]
+    assert convs[0].act_sparsity is None
+    assert all(c.act_sparsity == 0.9 for c in convs[1:])
+    assert net[-1].act_sparsity == 0.9
+    assert all(m.bitmask for m in net if isinstance(m, ReLU))
+    set_activation_sparsity(net, None)
+    assert all(c.act_sparsity is None for c in convs) and net[-1].act_sparsity is None
+    assert not any(m.bitmask for m in net if isinstance(m, ReLU))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 9, 7)])
+def test_lean_pooling_matches_autograd_and_keeps_less(shape):
+    from common.accounting import SavedTensorMeter
+    from common.sap import lean_avg_pool2d, lean_max_pool2d
+
+    for lean, plain in ((lean_max_pool2d, F.max_pool2d), (lean_avg_pool2d, F.avg_pool2d)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = plain(x, 2)
+        g = torch.randn_like(y)
+        (ref,) = torch.autograd.grad(y, x, g)
+        with SavedTensorMeter() as meter:
+            y_lean = lean(x, 2)
+        (got,) = torch.autograd.grad(y_lean, x, g)
+        assert torch.equal(y_lean, y) and torch.equal(got, ref)
+        # at most one byte per pooled output: never the fp32 input
+        assert meter.held.activation_bytes <= y.numel()
