@@ -148,8 +148,8 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
                 raise DataError(f"cannot read {batches / n}: {exc}; the file is damaged, {CIFAR10_HELP}") from exc
         train_x = np.concatenate([loaded[n][0] for n in names[:5]])
         train_y = np.concatenate([loaded[n][1] for n in names[:5]])
-        return Dataset("cifar10", _standardise("cifar10", train_x, train_y),
-                       _standardise("cifar10", *loaded["test_batch"]), 10)
+        return Dataset("cifar10", _checked_split("cifar10", train_x, train_y, batches, CIFAR10_HELP),
+                       _checked_split("cifar10", *loaded["test_batch"], batches, CIFAR10_HELP), 10)
     raise DataError(f"CIFAR-10 not found in {folder}: {CIFAR10_HELP}")
 
 

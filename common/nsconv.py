@@ -22,7 +22,7 @@ from torch import nn
 from common.layers import SparseConv2d
 
 #: γ that maps unit-variance pre-activations through ReLU to unit-variance NSConv outputs:
-#: Var[relu(z)] = 1/2 - 1/(2π) for z ~ N(0, 1), so γ = (1/2 - 1/(2π))^(-1/2) ≈ 1.7139.
+#: Var[relu(z)] = 1/2 - 1/(2π) for z ~ N(0, 1), so γ = (1/2 - 1/(2π))^(-1/2) ≈ 1.7129.
 RELU_GAMMA = 1.0 / math.sqrt(0.5 - 0.5 / math.pi)
 
 

@@ -8,7 +8,8 @@ next layer has consumed it. ReLU and ReLU6 keep a 1-bit mask for their own backw
 output. Everything is saved through ``ctx.save_for_backward`` so saved-tensor hooks (and thus
 :mod:`common.accounting`) see exactly what is held.
 
-With ``s_ta = 0`` the cache is the dense tensor and the gradients equal plain autograd bit for bit.
+With ``s_ta = 0`` the cache is the dense tensor and, for contiguous inputs, the gradients equal
+plain autograd bit for bit (the cache decodes contiguous, which changes summation order otherwise).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def keep_mask(x: torch.Tensor, s_ta: float) -> torch.Tensor:
 
 
 def compress_activation(x: torch.Tensor, s_ta: float) -> EncodedTensor:
-    """The sparse cache of ``x`` at activation sparsity ``s_ta``: a bitmap, or dense if smaller.
+    """The sparse cache of ``x`` at activation sparsity ``s_ta``: a bitmap, or dense if smaller
+    (decoded contiguous, so with s_ta = 0 gradients equal autograd bit for bit for contiguous inputs).
 
     Only these two: both are a single linear pass. CSC can be ~10 % smaller on a (batch, C*H*W)
     activation at s_ta = 0.9, but needs ``nonzero`` and a sort, which cost more than the layer.
@@ -204,8 +206,8 @@ class _LeanMaxPool2dFunction(torch.autograd.Function):
         k, width = ctx.kernel, ctx.in_size[-1]
         offsets = offsets.long()
         out_h, out_w = offsets.shape[-2:]
-        rows = torch.arange(out_h).view(-1, 1) * k + offsets // k
-        cols = torch.arange(out_w).view(1, -1) * k + offsets % k
+        rows = torch.arange(out_h, device=offsets.device).view(-1, 1) * k + offsets // k
+        cols = torch.arange(out_w, device=offsets.device).view(1, -1) * k + offsets % k
         return F.max_unpool2d(grad_out, rows * width + cols, k, output_size=ctx.in_size), None
 
 

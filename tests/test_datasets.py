@@ -209,3 +209,48 @@ def test_cifar10_requires_data_dir_and_missing_folder(tmp_path):
         load_cifar10(tmp_path)
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("mnist", tmp_path)
+
+
+def test_cifar10_npz_nchw_layout(tmp_path):
+    arrays = _cifar_arrays()
+    for split in ("x_train", "x_test"):
+        arrays[split] = arrays[split].reshape(-1, 3, 32, 32)
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    _check_cifar(load_cifar10(tmp_path))
+
+
+def test_cifar10_npz_bad_image_shape_raises(tmp_path):
+    arrays = _cifar_arrays()
+    arrays["x_train"] = np.zeros((4, 3, 1024), np.uint8)  # 3072 bytes per image, but not a known layout
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match="shape"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar10_npz_count_mismatch_raises(tmp_path):
+    arrays = _cifar_arrays()
+    arrays["y_train"] = arrays["y_train"][:3]
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match="labels"):
+        load_cifar10(tmp_path)
+
+
+def _write_pickles(folder, arrays, test_labels):
+    for i in range(5):
+        entry = {b"data": arrays["x_train"][i:i + 1], b"labels": [int(arrays["y_train"][i])]}
+        (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(entry))
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": arrays["x_test"], b"labels": test_labels}))
+
+
+def test_cifar10_pickle_count_mismatch_raises(tmp_path):
+    _write_pickles(tmp_path, _cifar_arrays(n_train=5), test_labels=[9])
+    with pytest.raises(DataError, match="labels"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar10_pickle_bad_row_size_raises(tmp_path):
+    arrays = _cifar_arrays(n_train=5)
+    arrays["x_test"] = np.zeros((2, 3000), np.uint8)
+    _write_pickles(tmp_path, arrays, test_labels=[9, 1])
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar10(tmp_path)

@@ -11,7 +11,7 @@ from torch import nn
 
 from common import masks as M
 from common.accounting import SavedTensorMeter
-from common.layers import ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
+from common.layers import Pool2d, ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
 from common.models import MODELS, NORMS, build_model
 from common.nsconv import RELU_GAMMA, NSConv2d
 
@@ -103,6 +103,11 @@ def test_structure(name, norm, s):
     # no torch activations (an nn.ReLU would keep its whole output for backward)
     assert not any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)) for m in mods)
     assert any(isinstance(m, ReLU) for m in mods)
+    # nor torch pooling with a backward that keeps its input (max: + int64 indices)
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in mods)
+    pools = [m for m in mods if isinstance(m, Pool2d)]
+    assert len(pools) == {"lenet5": 2, "alexnet": 3}.get(name, 0)
+    assert all(p.lean == (s is not None) for p in pools)
     if norm == "nsconv":
         assert not bns
         assert all(isinstance(m, NSConv2d) and m.bias is not None and m.gain is not None for _, m in convs)
@@ -132,9 +137,11 @@ def test_set_activation_sparsity_on_built_model(name):
     for cname, conv in _convs(model):
         assert conv.act_sparsity == (None if cname == stem else 0.8)
     assert all(m.bitmask for m in model.modules() if isinstance(m, ReLU))
+    assert all(m.lean for m in model.modules() if isinstance(m, Pool2d))
     set_activation_sparsity(model, None)
     assert all(c.act_sparsity is None for _, c in _convs(model))
     assert not any(m.bitmask for m in model.modules() if isinstance(m, ReLU))
+    assert not any(m.lean for m in model.modules() if isinstance(m, Pool2d))
 
 
 def test_nsconv_gammas_follow_what_each_conv_reads():

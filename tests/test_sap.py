@@ -413,3 +413,70 @@ def test_lean_pooling_matches_autograd_and_keeps_less(shape):
         assert torch.equal(y_lean, y) and torch.equal(got, ref)
         # at most one byte per pooled output: never the fp32 input
         assert meter.held.activation_bytes <= y.numel()
+
+
+# ----------------------------------------------------------------------------- lean pooling
+
+
+from common.layers import Pool2d  # noqa: E402
+from common.sap import lean_avg_pool2d, lean_max_pool2d  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape,k", [((2, 3, 8, 8), 2), ((2, 3, 7, 9), 2), ((2, 3, 7, 9), 3), ((1, 1, 5, 5), 3)])
+def test_lean_pool_equals_torch_exactly(kind, shape, k):
+    """Forward and backward bit for bit, odd sizes (floor mode) and ties included: a ReLU output
+    has many all-zero windows, where max-pooling must route the gradient to the same element."""
+    x = F.relu(torch.randn(shape))
+    lean, ref = (lean_max_pool2d, F.max_pool2d) if kind == "max" else (lean_avg_pool2d, F.avg_pool2d)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = lean(a, k), ref(b, k)
+    assert torch.equal(ya, yb)
+    g = torch.randn(ya.shape)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_lean_pool_memory():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    h = x * 1.0
+    with SavedTensorMeter() as meter:
+        lean_max_pool2d(h, 2)
+    assert meter.held.activation_bytes == 2 * 3 * 4 * 4  # one uint8 window offset per output
+    with SavedTensorMeter() as meter:
+        lean_avg_pool2d(h, 2)
+    assert meter.held.activation_bytes == 0
+    with SavedTensorMeter() as meter:
+        F.max_pool2d(h, 2)
+    assert meter.held.activation_bytes == h.nbytes + 8 * 2 * 3 * 4 * 4  # what it replaces
+
+
+def test_pool2d_module_switch_and_validation():
+    x = torch.randn(1, 2, 6, 6)
+    for kind, ref in (("max", F.max_pool2d), ("avg", F.avg_pool2d)):
+        pool = Pool2d(kind, 2)
+        assert torch.equal(pool(x), ref(x, 2))
+        net = nn.Sequential(SparseConv2d(2, 2, 1), pool)
+        set_activation_sparsity(net, 0.9)
+        assert pool.lean
+        assert torch.equal(pool(x), ref(x, 2))
+        set_activation_sparsity(net, None)
+        assert not pool.lean
+    with pytest.raises(ValueError, match="kind"):
+        Pool2d("min", 2)
+    with pytest.raises(ValueError):
+        lean_max_pool2d(torch.randn(1, 1, 17, 17), 17)
+
+
+def test_lean_max_pool_backward_stays_on_input_device():
+    x = torch.randn(1, 2, 4, 4, device="meta", requires_grad=True)
+    lean_max_pool2d(x, 2).sum().backward()
+    assert x.grad.device.type == "meta" and x.grad.shape == x.shape
+
+
+def test_lean_avg_pool_backward_stays_on_input_device():
+    """Control for the test above: the avg path allocates on grad_out's device and works on meta."""
+    x = torch.randn(1, 2, 4, 4, device="meta", requires_grad=True)
+    lean_avg_pool2d(x, 2).sum().backward()
+    assert x.grad.device.type == "meta" and x.grad.shape == x.shape
