@@ -70,7 +70,7 @@ def random_masks(
     masks: Masks = {}
     for name, d in layer_densities(shapes, sparsity, distribution).items():
         n = math.prod(shapes[name])
-        keep = min(n, max(1, round(d * n))) if n else 0
+        keep = _keep_count(d, n)
         flat = torch.zeros(n, dtype=torch.bool)
         flat[torch.randperm(n, generator=generator)[:keep]] = True
         masks[name] = flat.view(shapes[name])
@@ -85,7 +85,7 @@ def magnitude_masks(
     masks: Masks = {}
     for name, d in layer_densities(shapes, sparsity, distribution).items():
         w = weights[name].detach().reshape(-1)
-        keep = min(w.numel(), max(1, round(d * w.numel()))) if w.numel() else 0
+        keep = _keep_count(d, w.numel())
         flat = torch.zeros(w.numel(), dtype=torch.bool)
         flat[torch.topk(w.abs(), keep, sorted=False).indices] = True
         masks[name] = flat.view(shapes[name])
@@ -193,6 +193,11 @@ def weight_sparsity(weights: Iterable[torch.Tensor]) -> float:
         zeros += w.numel() - int(torch.count_nonzero(w))
         total += w.numel()
     return zeros / total if total else 0.0
+
+
+def _keep_count(density: float, n: int) -> int:
+    """Active entries of an n-entry layer at ``density``: at least one, so no layer is cut off."""
+    return min(n, max(1, round(density * n))) if n else 0
 
 
 def _check_fraction(value: float, what: str) -> None:

@@ -14,7 +14,6 @@ plain autograd bit for bit (the cache decodes contiguous, which changes summatio
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -73,13 +72,13 @@ def compress_activation(x: torch.Tensor, s_ta: float) -> EncodedTensor:
 
 
 def _save_encoded(ctx, enc: EncodedTensor, *others: torch.Tensor) -> None:
-    ctx.encoded = dataclasses.replace(enc, values=torch.empty(0), positions=torch.empty(0, dtype=torch.uint8))
-    ctx.save_for_backward(*others, enc.values, enc.positions)
+    ctx.encoded = enc.meta
+    ctx.save_for_backward(*others, *enc.tensors())
 
 
 def _load_encoded(ctx) -> tuple[torch.Tensor, ...]:
     *others, values, positions = ctx.saved_tensors
-    return (*others, decode(dataclasses.replace(ctx.encoded, values=values, positions=positions)))
+    return (*others, decode(EncodedTensor.rebuild(ctx.encoded, values, positions)))
 
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
