@@ -120,7 +120,8 @@ class _MaskedLayerFunction(torch.autograd.Function):
         grad_theta = grad_gain = None
         if grad_w is not None:
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(weight, wanted, grad_w)) if wanted else iter(())
+            # allow_unused: a weight function may ignore the gain (e.g. one that receives ŵ itself)
+            grads = iter(torch.autograd.grad(weight, wanted, grad_w, allow_unused=True)) if wanted else iter(())
             grad_theta = next(grads) if needs_theta else None
             grad_gain = next(grads) if gain is not None and needs_gain else None
         return grad_x, grad_theta, None, grad_gain, grad_b, None, None, None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,14 @@ class TrainStats:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               stats: TrainStats) -> float:
-    """One SGD step on cross-entropy; masks are kept by hooks on ``optimizer`` (see ``masks``)."""
+               stats: TrainStats, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One SGD step on cross-entropy (plus ``penalty()`` if given); masks are kept by hooks on
+    ``optimizer`` (see ``masks``). ``forward`` replaces ``model(images)``, e.g. a masked functional call."""
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(images), labels)
+    loss = F.cross_entropy((forward or model)(images), labels)
+    if penalty is not None:
+        loss = loss + penalty()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {stats.steps}; lower the learning rate")
     loss.backward()

@@ -1,20 +1,36 @@
-"""Tests for common.datasets on tiny synthetic files (nothing is downloaded)."""
+"""Tests for common.datasets on tiny synthetic files (downloads are served from local files)."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import pickle
 import struct
+import tarfile
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from common.datasets import DataError, load_cifar10, load_dataset, load_fashion_mnist
+import common.datasets as datasets_module
+from common.datasets import (DataError, DataNotFound, download_dataset, load_cifar10, load_cinic10, load_dataset,
+                             load_fashion_mnist, load_tiny_imagenet)
 
 FM_MEAN, FM_STD = 0.2860, 0.3530
 C10_MEAN = (0.4914, 0.4822, 0.4465)
 C10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(tmp_path, monkeypatch):
+    """Point the default cache at an empty folder, so no test sees (or fills) the user's real one."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets_module, "CACHE_DIR", cache)
+    return cache
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -254,3 +270,246 @@ def test_cifar10_pickle_bad_row_size_raises(tmp_path):
     _write_pickles(tmp_path, arrays, test_labels=[9, 1])
     with pytest.raises(DataError, match="test_batch"):
         load_cifar10(tmp_path)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _save_image(path, pixels: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def _cinic_folders(root):
+    """Two classes; 'airplane' images are RGB (0, 128, 255), 'cat' images grayscale 128."""
+    rgb = np.zeros((32, 32, 3), np.uint8) + np.array([0, 128, 255], np.uint8)
+    gray = np.full((32, 32), 128, np.uint8)
+    for split, n in (("train", 3), ("valid", 1), ("test", 2)):
+        for i in range(n):
+            _save_image(root / split / "airplane" / f"a{i}.png", rgb)
+            _save_image(root / split / "cat" / f"c{i}.png", gray)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_cinic10_loads_class_folders(tmp_path):
+    _cinic_folders(tmp_path)
+    ds = load_cinic10(tmp_path)
+    assert ds.name == "cinic10" and ds.num_classes == 2 and ds.in_channels == 3
+    assert ds.train.images.shape == (6, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test.labels.tolist() == [0, 0, 1, 1]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in datasets_module._STATS["cinic10"])
+    pixels = ds.train.images * std + mean
+    torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([0, 128, 255]) / 255)
+    torch.testing.assert_close(pixels[3, :, 0, 0], torch.full((3,), 128 / 255))  # grayscale -> RGB
+    assert torch.equal(load_dataset("cinic10", tmp_path).test.images, ds.test.images)
+
+
+def _tiny_imagenet_folder(root):
+    """wnids listed out of order; 2 training images per class, 3 validation images."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("n02\nn01\n")
+    for wnid in ("n01", "n02"):
+        (root / "train" / wnid).mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t10\t10\n")
+        for i in range(2):
+            pixels = rng.integers(0, 256, (64, 64, 3), np.uint8)
+            _save_image(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", pixels)
+    annotations = []
+    for i, wnid in enumerate(("n02", "n01", "n02")):
+        pixels = rng.integers(0, 256, (64, 64) if i == 0 else (64, 64, 3), np.uint8)  # one grayscale
+        _save_image(root / "val" / "images" / f"val_{i}.JPEG", pixels)
+        annotations.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+
+
+def test_tiny_imagenet_loads_folder_or_its_parent(tmp_path):
+    _tiny_imagenet_folder(tmp_path / "tiny-imagenet-200")
+    ds = load_tiny_imagenet(tmp_path)
+    assert ds.name == "tiny-imagenet" and ds.num_classes == 2 and ds.in_channels == 3
+    assert ds.train.images.shape == (4, 3, 64, 64) and ds.test.images.shape == (3, 3, 64, 64)
+    assert ds.train.labels.tolist() == [0, 0, 1, 1]  # n01 -> 0, n02 -> 1
+    assert ds.test.labels.tolist() == [1, 0, 1]
+    assert ds.train.images.dtype == torch.float32
+    again = load_dataset("tiny-imagenet", tmp_path / "tiny-imagenet-200")
+    assert torch.equal(again.test.images, ds.test.images)
+
+
+@pytest.mark.parametrize("suffix", ["png", "JPEG"])
+def test_truncated_image_names_the_file(tmp_path, suffix):
+    _cinic_folders(tmp_path)
+    path = tmp_path / "test" / "cat" / f"c1.{suffix}"
+    _save_image(path, np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(DataError, match=f"c1.{suffix}"):
+        load_cinic10(tmp_path)
+
+
+def test_image_of_wrong_size_or_garbage_raises(tmp_path):
+    _cinic_folders(tmp_path)
+    _save_image(tmp_path / "train" / "cat" / "big.png", np.zeros((40, 40), np.uint8))
+    with pytest.raises(DataError, match=r"big.png is 40x40 pixels, not 32x32"):
+        load_cinic10(tmp_path)
+    (tmp_path / "train" / "cat" / "big.png").write_bytes(b"no image at all")
+    with pytest.raises(DataError, match="big.png"):
+        load_cinic10(tmp_path)
+
+
+def test_cinic10_mismatched_class_folders_raise(tmp_path):
+    _cinic_folders(tmp_path)
+    (tmp_path / "test" / "dog").mkdir()
+    with pytest.raises(DataError, match="class folders"):
+        load_cinic10(tmp_path)
+
+
+def test_tiny_imagenet_bad_annotation_and_missing_class_raise(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    _tiny_imagenet_folder(root)
+    with open(root / "val" / "val_annotations.txt", "a") as fh:
+        fh.write("val_9.JPEG\tn99\t0\t0\t1\t1\n")
+    with pytest.raises(DataError, match="line 4"):
+        load_tiny_imagenet(root)
+    (root / "wnids.txt").write_text("n01\nn02\nn03\n")
+    with pytest.raises(DataError, match="n03"):
+        load_tiny_imagenet(root)
+
+
+@pytest.mark.parametrize("name, hint", [("cinic10", "datashare.ed.ac.uk"),
+                                        ("tiny-imagenet", "tiny-imagenet-200.zip")])
+def test_image_folder_datasets_need_their_folder(tmp_path, name, hint):
+    with pytest.raises(DataNotFound, match=hint):
+        load_dataset(name)
+    with pytest.raises(DataNotFound, match=hint):
+        load_dataset(name, tmp_path)
+    with pytest.raises(DataError, match="cannot be downloaded automatically.*" + hint):
+        load_dataset(name, tmp_path, download=True)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def _serve(monkeypatch, name, files):
+    """Make ``download_dataset(name)`` fetch ``files`` through file:// URLs, with their true MD5s."""
+    table = tuple((f.as_uri(), hashlib.md5(f.read_bytes()).hexdigest()) for f in files)
+    monkeypatch.setitem(datasets_module._DOWNLOADS, name, table)
+
+
+def _offline(monkeypatch):
+    def urlopen(url, timeout=None):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _fashion_server(tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    server.mkdir()
+    _fashion_files(server)
+    _serve(monkeypatch, "fashion-mnist", sorted(server.iterdir()))
+
+
+def test_download_fashion_mnist_then_load_offline(tmp_path, monkeypatch):
+    _fashion_server(tmp_path, monkeypatch)
+    data = tmp_path / "data"
+    ds = load_dataset("fashion-mnist", data, download=True)
+    assert ds.train.images.shape == (5, 1, 28, 28)
+    assert _files(data) == sorted(["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                   "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"])
+    assert sorted(p.name for p in data.iterdir()) == _files(data)  # and no temporary folder left behind
+    _offline(monkeypatch)  # found locally now: no second download
+    assert torch.equal(load_dataset("fashion-mnist", data, download=True).train.images, ds.train.images)
+
+
+def test_download_without_data_dir_goes_to_cache(tmp_path, monkeypatch, empty_cache):
+    monkeypatch.setattr(datasets_module, "FASHION_MNIST_DIRS", (tmp_path / "no-debian-package",))
+    _fashion_server(tmp_path, monkeypatch)
+    with pytest.raises(DataNotFound):
+        load_dataset("fashion-mnist")
+    load_dataset("fashion-mnist", download=True)
+    assert len(_files(empty_cache / "fashion-mnist")) == 4
+    assert len(load_dataset("fashion-mnist").test) == 3  # later runs find the cache without download
+
+
+def _tar_gz(path, entries):
+    """A .tar.gz of (name, bytes) files; bytes None makes a symlink to /etc/passwd instead."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_download_cifar10_extracts_pickles(tmp_path, monkeypatch):
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    _write_pickles(pickles, _cifar_arrays(n_train=5), test_labels=[9, 1])
+    archive = tmp_path / "server" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    _tar_gz(archive, [(f"cifar-10-batches-py/{p.name}", p.read_bytes()) for p in sorted(pickles.iterdir())]
+            + [("cifar-10-batches-py/link", None)])
+    _serve(monkeypatch, "cifar10", [archive])
+    data = tmp_path / "data"
+    _check_cifar(load_dataset("cifar10", data, download=True), n_train=5)
+    assert _files(data) == sorted(f"cifar-10-batches-py/{p.name}" for p in pickles.iterdir())  # no link, no archive
+    assert [p.name for p in data.iterdir()] == ["cifar-10-batches-py"]
+
+
+@pytest.mark.parametrize("evil", ["../evil", "cifar-10-batches-py/../../evil", "/tmp/evil-absolute"])
+def test_download_rejects_tar_path_traversal(tmp_path, monkeypatch, evil):
+    archive = tmp_path / "server" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    _tar_gz(archive, [("cifar-10-batches-py/data_batch_1", b"fine"), (evil, b"pwned")])
+    _serve(monkeypatch, "cifar10", [archive])
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="unsafe path"):
+        download_dataset("cifar10", data)
+    assert _files(data) == [] and list(data.iterdir()) == []
+    assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("name, hint", [("fashion-mnist", "sudo apt-get install dataset-fashion-mnist"),
+                                        ("cifar10", "cifar10.npz")])
+def test_download_offline_says_so_and_leaves_nothing(tmp_path, monkeypatch, name, hint):
+    _offline(monkeypatch)
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="offline") as info:
+        load_dataset(name, data, download=True)
+    assert hint in str(info.value)
+    assert list(data.iterdir()) == []
+
+
+def test_download_broken_mid_stream_leaves_nothing(tmp_path, monkeypatch):
+    class Response(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell():
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(100)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Response(b"x" * 1000))
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="offline"):
+        download_dataset("fashion-mnist", data)
+    assert list(data.iterdir()) == []
+
+
+def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
+    _fashion_server(tmp_path, monkeypatch)
+    url, _ = datasets_module._DOWNLOADS["fashion-mnist"][-1]
+    monkeypatch.setitem(datasets_module._DOWNLOADS, "fashion-mnist",
+                        datasets_module._DOWNLOADS["fashion-mnist"][:-1] + ((url, "0" * 32),))
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="corrupt"):
+        download_dataset("fashion-mnist", data)
+    assert list(data.iterdir()) == []
+
+
+def test_download_unknown_dataset_raises(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        download_dataset("mnist", tmp_path)

@@ -10,6 +10,7 @@ from common.models.factory import NORMS, LayerFactory, Norm
 from common.models.mobilenet import mobilenet_v2
 from common.models.resnet import resnet18, resnet34, resnet50
 from common.models.small import alexnet, lenet5
+from common.nsconv import RELU_GAMMA
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
@@ -18,7 +19,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(name: str, norm: Norm = "nsconv", act_sparsity: float | None = None,
-                num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+                num_classes: int = 10, in_channels: int | None = None, gamma: float = RELU_GAMMA) -> nn.Module:
     """Build ``name`` with the given norm (``batchnorm | nsconv | none``) and SAP setting.
 
     ``act_sparsity=None`` trains with plain autograd; a float ``s_ta`` turns SAP on.
@@ -28,7 +29,7 @@ def build_model(name: str, norm: Norm = "nsconv", act_sparsity: float | None = N
     kwargs = {"num_classes": num_classes}
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
-    return MODELS[name](LayerFactory(norm, act_sparsity), **kwargs)
+    return MODELS[name](LayerFactory(norm, act_sparsity, gamma), **kwargs)
 
 
 __all__ = ["MODELS", "NORMS", "LayerFactory", "build_model"]

@@ -20,11 +20,12 @@ class LayerFactory:
 
     ``norm``: ``batchnorm`` (conv-BN-ReLU), ``nsconv`` (NSConv-ReLU, no BatchNorm anywhere) or
     ``none`` (plain sparse conv, no normalisation). ``act_sparsity``: ``None`` for plain autograd,
-    else SAP's ``s_ta`` for every layer except the stem.
+    else SAP's ``s_ta`` for every layer except the stem. ``gamma``: NSConv's γ after a ReLU (eq. 7).
     """
 
     norm: Norm = "nsconv"
     act_sparsity: float | None = None
+    gamma: float = RELU_GAMMA
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -44,7 +45,7 @@ class LayerFactory:
         kwargs = dict(stride=stride, padding=kernel // 2 if padding is None else padding, groups=groups,
                       act_sparsity=None if stem else self.act_sparsity, sap_capable=not stem)
         if self.norm == "nsconv":
-            return NSConv2d(c_in, c_out, kernel, bias=True, gamma=RELU_GAMMA if after_relu else 1.0, **kwargs)
+            return NSConv2d(c_in, c_out, kernel, bias=True, gamma=self.gamma if after_relu else 1.0, **kwargs)
         return SparseConv2d(c_in, c_out, kernel, bias=self.norm == "none", **kwargs)
 
     def norm2d(self, channels: int) -> nn.Module:

@@ -1,0 +1,105 @@
+"""The Flower ClientApp: read the server's message, train or evaluate, reply with sparse content.
+
+Message contents (see :mod:`common.wire`): ``train`` (ConfigRecord, :class:`Instructions`), ``model``
+(values in mask order + dense tensors), ``masks`` (only when the node's mask is stale). The node keeps
+the last mask it received in ``context.state``, so unchanged masks never travel again. Replies carry
+``model``, optional ``topk`` / ``flips`` records and a ``metrics`` MetricRecord with the examples, loss,
+train and CPU time, memory of this process and the activation bytes held for backward.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import psutil
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from client.data import ClientData, load_client_data
+from client.trainer import build_local_model, local_train
+from common.config import parse_run_config
+from common.masks import Masks, load_masks
+from common.protocol import Instructions
+from common.training import evaluate
+from common.wire import (ModelLayout, decode_masks, encode_positions, from_array_record, pack_values,
+                         to_array_record, unpack_values)
+
+app = ClientApp()
+
+
+class StaleMask(RuntimeError):
+    """The server sent values for a mask version this node does not hold."""
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    ins = Instructions.from_config(msg.content["train"])
+    data = load_client_data(parse_run_config(context.run_config), context.node_config)
+    model, layout, masks = _received_model(msg, context, ins, data)
+    process = psutil.Process()
+    cpu_before = sum(process.cpu_times()[:2])
+    result = local_train(model, masks, data.train, ins)
+    cpu_time = sum(process.cpu_times()[:2]) - cpu_before
+
+    upload_masks = None if ins.mode in ("dense", "error-feedback") else result.masks
+    content = RecordDict({"model": to_array_record(pack_values(model.state_dict(), layout, upload_masks))})
+    if ins.adjust_local and ins.adjusting:
+        flips = {name: (torch.nonzero((result.masks[name] != masks[name]).reshape(-1)).reshape(-1), None)
+                 for name in masks}
+        content["flips"] = to_array_record(encode_positions(flips, layout, "flips"))
+    if result.topk is not None:
+        content["topk"] = to_array_record(encode_positions(result.topk, layout, "topk"))
+    content["metrics"] = MetricRecord({
+        "num-examples": result.examples, "train-loss": result.loss, "steps": result.steps,
+        "train-time-s": result.train_time_s, "cpu-time-s": cpu_time,
+        "rss-mb": process.memory_info().rss / 2**20,
+        # ru_maxrss is KiB on Linux: the peak of this process over its life (a simulation actor
+        # serves many clients, so this is an upper bound there; a SuperNode's ClientApp is one client).
+        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "activation-bytes": result.activation_bytes, "mask-version": ins.mask_version,
+        "partition-id": data.partition_id, "finished-at": time.time(),
+        "bae-marked": result.marked, "bae-norm-start": result.marked_norm_start,
+        "bae-norm-end": result.marked_norm_end,
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    ins = Instructions.from_config(msg.content["train"])
+    data = load_client_data(parse_run_config(context.run_config), context.node_config)
+    model, _, _ = _received_model(msg, context, ins, data)
+    loss, accuracy = evaluate(model, data.val)
+    metrics = MetricRecord({"num-examples": len(data.val), "eval-loss": loss, "eval-acc": accuracy})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _received_model(msg: Message, context: Context, ins: Instructions,
+                    data: ClientData) -> tuple[nn.Module, ModelLayout, Masks]:
+    model = build_local_model(ins, data.num_classes, data.in_channels)
+    layout = ModelLayout.of(model)
+    masks = _current_masks(msg, context, layout, ins)
+    state = unpack_values(from_array_record(msg.content["model"]), layout, None if ins.mode == "dense" else masks)
+    model.load_state_dict(state, strict=False)
+    load_masks(model, masks)
+    return model, layout, masks
+
+
+def _current_masks(msg: Message, context: Context, layout: ModelLayout, ins: Instructions) -> Masks:
+    if ins.mode == "dense":
+        return {name: torch.ones(shape, dtype=torch.bool) for name, shape in layout.masked}
+    if "masks" in msg.content:
+        bits = from_array_record(msg.content["masks"])["bits"]
+        masks = decode_masks(bits, layout)
+        context.state["mask"] = to_array_record({"bits": bits})
+        context.state["mask-info"] = ConfigRecord({"version": ins.mask_version})
+        return masks
+    held = context.state["mask-info"]["version"] if "mask-info" in context.state else None
+    if held != ins.mask_version:
+        raise StaleMask(f"the server sent values for mask version {ins.mask_version} without the mask, "
+                        f"but this node holds version {held}; the server resends the mask next round")
+    return decode_masks(from_array_record(context.state["mask"])["bits"], layout)
+

@@ -1,0 +1,184 @@
+"""Local training as the server's :class:`~common.protocol.Instructions` say (Algorithm 1, lines 5-22).
+
+One function, :func:`local_train`, runs every method's local round: masked SGD (pruned weights stay
+exactly 0), BaE in FedMef's adjustment rounds (eq. 2-4), FedDST's own prune/grow halfway through the
+round, FedDIP's error feedback with incremental regularisation, and the top-K gradients of pruned
+positions afterwards. Flower stays out of this module; :mod:`client.client_app` wraps it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from common.accounting import SavedTensorMeter
+from common.adjustment import prune_and_grow
+from common.bae import budget_lr, extrusion_penalty, marked_norm, mark_low
+from common.datasets import Split
+from common.layers import _Masked
+from common.masks import Masks, keep_pruned_at_zero, load_masks, prunable_weights
+from common.models import build_model
+from common.protocol import Instructions
+from common.topk import topk_pruned_gradients
+from common.training import TrainStats, batches, train_step
+
+
+@dataclass
+class LocalResult:
+    examples: int
+    loss: float
+    steps: int
+    train_time_s: float
+    activation_bytes: int
+    masks: Masks  # the structure the returned weights live under (FedDST may have changed it)
+    topk: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    marked: int = 0  # BaE: weights marked for extrusion, and their L2 norm before and after the round
+    marked_norm_start: float = 0.0
+    marked_norm_end: float = 0.0
+
+
+def build_local_model(ins: Instructions, num_classes: int, in_channels: int) -> nn.Module:
+    return build_model(ins.model, norm=ins.norm, act_sparsity=ins.act_sparsity, num_classes=num_classes,
+                       in_channels=in_channels, gamma=ins.gamma)
+
+
+def planned_steps(examples: int, ins: Instructions) -> int:
+    """Steps of this round: E epochs of ``ceil(n / batch)`` batches, capped by ``max_local_steps``."""
+    steps = ins.local_epochs * math.ceil(examples / ins.batch_size)
+    return min(steps, ins.max_local_steps) if ins.max_local_steps else steps
+
+
+def _stream(data: Split, ins: Instructions, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for _ in range(ins.local_epochs):
+        yield from batches(data, ins.batch_size, generator)
+
+
+def effective_weight_gradients(model: nn.Module, data: Split, batch_size: int, max_batches: int,
+                               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Dense ∂L/∂ŵ for every masked layer, ŵ the weight the layer computes with, averaged over batches.
+
+    A pruned position's gradient is what growing it would start from (RigL, FedTiny). The mask
+    multiplies it away in ∂L/∂θ, so the layers run once with ŵ itself as a dense leaf: same forward,
+    gradient everywhere. Only this pass holds a dense weight gradient (one per layer, plus its sum).
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _Masked)}
+    leaves = {f"{name}.weight": m.effective_weight().detach().requires_grad_() for name, m in layers.items()}
+    overrides = {**leaves, **{f"{name}.mask": torch.ones_like(m.mask) for name, m in layers.items()}}
+    sums = {key: torch.zeros_like(leaf) for key, leaf in leaves.items()}
+    for m in layers.values():
+        m.weight_fn = lambda: _as_is  # instance attribute shadows the class's weight function
+    seen = 0
+    try:
+        for images, labels in batches(data, batch_size, generator):
+            loss = F.cross_entropy(functional_call(model, overrides, (images,)), labels)
+            for key, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
+                sums[key] += grad
+            seen += 1
+            if seen >= max_batches:
+                break
+    finally:
+        for m in layers.values():
+            del m.weight_fn
+    return {key: total / max(seen, 1) for key, total in sums.items()}
+
+
+def _as_is(theta: torch.Tensor, mask: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    return theta
+
+
+def _error_feedback_forward(model: nn.Module, masks: Masks) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FedDIP: compute with ``w ⊙ m`` but pass the gradient straight to the dense ``w``, so weights
+    masked too early can come back (straight-through estimator via a functional call, no model copy)."""
+    weights = prunable_weights(model)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        masked = {name: w + (w * masks[name] - w).detach() for name, w in weights.items()}
+        return functional_call(model, masked, (images,))
+
+    return forward
+
+
+def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) -> LocalResult:
+    """Run one round of local training in place on ``model`` (whose weights the server just sent)."""
+    if len(data) == 0:
+        raise ValueError("this client has no training examples; check its partition")
+    generator = torch.Generator().manual_seed(ins.seed)
+    masks = {name: m.clone() for name, m in masks.items()}
+    weights = prunable_weights(model)
+    dense_masks = {name: torch.ones_like(m) for name, m in masks.items()}
+    # Error feedback computes with w ⊙ m itself, so the layers see an all-ones mask.
+    load_masks(model, masks if ins.mode == "masked" else dense_masks)
+    if ins.mode == "error-feedback":
+        with torch.no_grad():  # the server sent w ⊙ m; dense training starts from it
+            for name, w in weights.items():
+                w.mul_(masks[name])
+    optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum, weight_decay=ins.weight_decay)
+    hooks = keep_pruned_at_zero(optimizer, model, masks) if ins.mode == "masked" else ()
+    forward = _error_feedback_forward(model, masks) if ins.mode == "error-feedback" else None
+    counts = dict(zip(masks, ins.counts))
+
+    penalties: list[Callable[[], torch.Tensor]] = []
+    marks: Masks = {}
+    if ins.bae and ins.adjusting:
+        marks = mark_low({n: w.detach() for n, w in weights.items()}, masks, counts)
+        penalties.append(lambda: ins.bae_lambda * extrusion_penalty(weights, marks))
+    norm_start = marked_norm(weights, marks) if marks else 0.0
+    if ins.reg_lambda > 0:  # FedDIP: un-squared per-layer L2 norm
+        penalties.append(lambda: ins.reg_lambda * sum(w.norm() for w in weights.values()))
+    penalty = (lambda: sum(p() for p in penalties)) if penalties else None
+
+    model.train()
+    total = planned_steps(len(data), ins)
+    activation_bytes = _held_activation_bytes(model, forward, next(batches(data, ins.batch_size, generator))[0])
+    stats = TrainStats()
+    start = time.perf_counter()
+    try:
+        for images, labels in _stream(data, ins, generator):
+            if stats.steps >= total:
+                break
+            if ins.adjust_local and ins.adjusting and stats.steps == total // 2:
+                _adjust_locally(model, masks, counts, data, ins, generator)
+            if marks:
+                lr = budget_lr(ins.lr, ins.eta0, stats.steps, total, marked_norm(weights, marks))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            train_step(model, optimizer, images, labels, stats, forward=forward, penalty=penalty)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    topk = None
+    if ins.topk and ins.adjusting:
+        grads = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)
+        topk = topk_pruned_gradients(grads, masks, counts)
+    return LocalResult(stats.examples, stats.mean_loss, stats.steps, time.perf_counter() - start,
+                       activation_bytes, masks, topk, sum(int(m.sum()) for m in marks.values()),
+                       norm_start, marked_norm(weights, marks) if marks else 0.0)
+
+
+def _adjust_locally(model: nn.Module, masks: Masks, counts: dict[str, int], data: Split, ins: Instructions,
+                    generator: torch.Generator) -> None:
+    """FedDST: drop the smallest active and grow the largest-gradient pruned weights, once per
+    adjustment round, in the middle of local training (paper §4.1: 5 epochs, adjust, 5 epochs)."""
+    grads = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)
+    weights = prunable_weights(model)
+    new_masks, new_weights = prune_and_grow({n: w.detach() for n, w in weights.items()}, masks, grads, counts)
+    masks.update(new_masks)  # the optimizer hooks hold this dict, so they follow the new structure
+    with torch.no_grad():
+        for name, w in weights.items():
+            w.copy_(new_weights[name])
+    load_masks(model, masks)
+
+
+def _held_activation_bytes(model: nn.Module, forward: Callable | None, images: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward after one forward pass (measured, not estimated)."""
+    with SavedTensorMeter(model) as meter:
+        out = (forward or model)(images)
+    del out
+    return meter.held.activation_bytes

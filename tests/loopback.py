@@ -1,0 +1,54 @@
+"""An in-process federation for tests: real Flower Messages, the real ClientApp handlers, no SuperLink.
+
+``LoopbackGrid`` plays Flower's Grid for a strategy: it hands each Message to the ClientApp's train or
+evaluate handler with that node's own persistent ``Context`` and turns a raised exception into an error
+reply, as a SuperNode would. A ``tamper`` hook can rewrite replies to test how the server rejects them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import evaluate_handler, train
+
+RUN_ID = 7
+
+
+def set_task_identity() -> None:
+    """Messages built outside a run need a run id; the ServerApp's task gets one from Flower."""
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+class LoopbackGrid:
+    def __init__(self, num_nodes: int, run_config: dict, tamper: Callable[[int, Message], Message] | None = None):
+        set_task_identity()
+        self.contexts = {
+            node_id: Context(run_id=RUN_ID, node_id=node_id,
+                             node_config={"partition-id": i, "num-partitions": num_nodes},
+                             state=RecordDict(), run_config=dict(run_config))
+            for i, node_id in enumerate(range(101, 101 + num_nodes))
+        }
+        self.tamper = tamper
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for i, msg in enumerate(messages):
+            self.sent.append(msg)
+            handler = train if msg.metadata.message_type == MessageType.TRAIN else evaluate_handler
+            try:
+                reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # a SuperNode reports a crashed ClientApp as an error reply
+                reply = Message(error=Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if self.tamper is not None:
+                reply = self.tamper(i, reply)
+            replies.append(reply)
+        return replies

@@ -1,0 +1,111 @@
+"""Tests for common.bae: budget-aware extrusion (FedMef §3.3, eq. 2-4). The first test fails on the
+public port, whose marks were the pruned zeros and whose penalty and lr boost were therefore 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.bae import budget_lr, extrusion_penalty, mark_low, marked_norm
+
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
+
+
+def test_marks_are_smallest_active_never_pruned_zeros_and_extrusion_is_live():
+    mask = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    # Pruned entries hold exact zeros, the smallest |w| in the tensor: the port's marks.
+    weight = torch.tensor([[0.5, 0.0, -0.2, 3.0], [0.0, 0.3, -4.0, 0.0]])
+    marks = mark_low({"w": weight}, {"w": mask}, {"w": 2})
+    expected = torch.zeros(2, 4, dtype=torch.bool)
+    expected[0, 2] = expected[1, 1] = True  # |-0.2| and |0.3|: the two smallest ACTIVE weights
+    assert torch.equal(marks["w"], expected)
+    assert not (marks["w"] & ~mask).any()
+
+    penalty = extrusion_penalty({"w": weight}, marks)
+    assert penalty.item() == pytest.approx(0.2**2 + 0.3**2)
+    norm = marked_norm({"w": weight}, marks)
+    assert norm == pytest.approx(math.sqrt(0.13))
+    eta_t = 1e-3
+    assert budget_lr(eta_t, 1.0, 0, 10, norm) > eta_t
+
+
+def test_mark_low_caps_skips_absent_layers_and_breaks_ties_by_index():
+    masks = {"a": torch.tensor([False, True, True, False, True]), "b": torch.ones(3, dtype=torch.bool)}
+    # Every active |w| ties: the lowest active indices win, whatever the signs.
+    weights = {"a": torch.tensor([0.0, -1.0, 1.0, 0.0, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    assert mark_low(weights, masks, {"a": 2})["a"].tolist() == [False, True, True, False, False]
+    capped = mark_low(weights, masks, {"a": 99})
+    assert torch.equal(capped["a"], masks["a"])
+    assert not capped["b"].any() and capped["b"].shape == (3,)
+
+
+def test_mark_low_is_exactly_the_k_smallest_active_on_random_layers():
+    mask = torch.rand(16, 8, 3, 3) < 0.2
+    weight = torch.randn(16, 8, 3, 3) * mask
+    k = 37
+    marks = mark_low({"w": weight}, {"w": mask}, {"w": k})["w"]
+    assert int(marks.sum()) == k and not (marks & ~mask).any()
+    assert weight[marks].abs().max() <= weight[mask & ~marks].abs().min()
+
+
+def test_mark_low_rejects_bad_arguments():
+    masks = {"w": torch.ones(4, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="without a mask"):
+        mark_low({"w": torch.ones(4)}, masks, {"v": 1})
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        mark_low({"w": torch.ones(4)}, masks, {"w": -1})
+    with pytest.raises(ValueError, match="weights for layer 'w' has shape"):
+        mark_low({"w": torch.ones(2, 2)}, masks, {"w": 1})
+
+
+def test_penalty_is_differentiable_sum_of_squares_over_marks_only():
+    w1 = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    w2 = torch.tensor([[4.0, 5.0]], requires_grad=True)
+    marks = {"a": torch.tensor([True, True, False]), "b": torch.tensor([[False, True]])}
+    penalty = extrusion_penalty({"a": w1, "b": w2}, marks)
+    assert penalty.item() == 1.0 + 4.0 + 25.0
+    penalty.backward()
+    assert w1.grad.tolist() == [2.0, -4.0, 0.0]
+    assert w2.grad.tolist() == [[0.0, 10.0]]
+    assert extrusion_penalty({}, {}).item() == 0.0
+
+
+def test_marked_norm_is_one_norm_over_all_layers():
+    weights = {"a": torch.tensor([3.0, 9.0]), "b": torch.tensor([4.0])}
+    marks = {"a": torch.tensor([True, False]), "b": torch.tensor([True])}
+    # sqrt(3^2 + 4^2), not the sum of per-layer norms (7).
+    assert marked_norm(weights, marks) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("step, total, norm", [(0, 10, 0.7), (3, 10, 2.0), (7, 8, 0.05), (10, 10, 5.0)])
+def test_budget_lr_matches_eq_3_and_4(step, total, norm):
+    eta0 = 0.8
+    sigmoid = 1.0 / (1.0 + math.exp(-norm))
+    beta = (2 * total - 2 * step) / (2 * total - step) * (2 * sigmoid - 1) * eta0
+    for eta_t in [0.0, beta / 2, beta * 2]:
+        assert budget_lr(eta_t, eta0, step, total, norm) == pytest.approx(max(eta_t, beta), rel=1e-12, abs=1e-15)
+
+
+def test_budget_lr_limits():
+    # No marked mass or no budget left: no boost. A huge norm saturates sigma without overflow.
+    assert budget_lr(0.01, 1.0, 0, 10, 0.0) == 0.01
+    assert budget_lr(0.01, 1.0, 10, 10, 3.0) == 0.01
+    assert budget_lr(0.0, 0.5, 0, 10, 1e6) == 0.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((-0.1, 1.0, 0, 10, 1.0), "eta_t must be >= 0"),
+        ((0.1, -1.0, 0, 10, 1.0), "eta0 must be >= 0"),
+        ((0.1, 1.0, 0, 10, -1.0), "low_norm"),
+        ((0.1, 1.0, 11, 10, 1.0), "step must lie in"),
+        ((0.1, 1.0, 0, 0, 1.0), "total_steps must be >= 1"),
+        ((float("nan"), 1.0, 0, 10, 1.0), "eta_t"),
+    ],
+)
+def test_budget_lr_rejects_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        budget_lr(*args)

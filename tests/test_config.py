@@ -1,0 +1,61 @@
+"""Run-config validation and the presets shipped with the app."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, RunConfig, parse_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def app_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_are_valid_and_list_every_key():
+    cfg = parse_run_config(app_config())
+    assert set(app_config()) == set(RunConfig().as_dict())  # --run-config can only override listed keys
+    assert cfg.strategy == "fedmef" and cfg.resolved_norm == "nsconv" and cfg.sap_on and cfg.bae_on
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("*.toml")), ids=lambda p: p.name)
+def test_presets_override_known_keys_with_valid_values(preset):
+    overrides = tomllib.loads(preset.read_text())
+    assert set(overrides) <= set(app_config())
+    parse_run_config({**app_config(), **overrides})
+
+
+def test_method_defaults_and_ablation_switches():
+    base = app_config()
+    tiny = parse_run_config({**base, "strategy": "fedtiny"})
+    assert (tiny.resolved_norm, tiny.sap_on, tiny.bae_on) == ("batchnorm", False, False)
+    ablation = parse_run_config({**base, "strategy": "fedmef", "bae": "off", "sap": "off", "norm": "none"})
+    assert (ablation.resolved_norm, ablation.act_sparsity, ablation.bae_on) == ("none", None, False)
+    assert parse_run_config({**base, "strategy": "fedavg"}).param_sparsity == 0.0
+
+
+def test_every_problem_is_reported_at_once_with_a_hint():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"stratgy": "fedmef", "lr": "fast", "s-tm": 1.5, "batch-size": 0})
+    text = str(err.value)
+    assert "did you mean 'strategy'" in text and "lr must be a float" in text
+    # range errors are checked once the types are right
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"s-tm": 1.5, "batch-size": 0, "strategy": "fedx", "sap": "maybe"})
+    text = str(err.value)
+    for fragment in ("s-tm = 1.5", "batch-size = 0", "'fedx'", "'maybe'"):
+        assert fragment in text
+
+
+@pytest.mark.parametrize("bad", [{"bae": "on", "strategy": "feddst"}, {"dataset": "cinic10"},
+                                 {"feddip-s0": 0.95, "strategy": "feddip"}, {"lr-decay": 0.0},
+                                 {"batch-size": True}, {"adjust-alpha": 0.6}])
+def test_inconsistent_settings_are_refused(bad):
+    with pytest.raises(ConfigError):
+        parse_run_config(bad)
+
+
+def test_ints_are_accepted_for_floats():
+    assert parse_run_config({"lr": 1}).lr == 1.0

@@ -1,0 +1,204 @@
+"""The strategies and the ClientApp together, through real Flower Messages on a loopback grid."""
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MetricRecord
+
+from common.config import parse_run_config
+from common.datasets import Split, load_dataset
+from common.models import build_model
+from common.wire import from_array_record, to_array_record
+from loopback import LoopbackGrid
+from server.server_app import GlobalEvaluator
+from server.strategy import make_strategy
+
+ROOT = Path(__file__).resolve().parent.parent
+NODES = 3
+
+
+def run_config(**overrides) -> dict:
+    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    base.update({"max-local-steps": 4, "batch-size": 16, "grad-batches": 1, "delta-r": 2, "r-stop": 5,
+                 "num-server-rounds": 3, "max-test-examples": 200, "min-train-nodes": NODES})
+    base.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return base
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_dataset("fashion-mnist")
+
+
+def federation(fmnist, tamper=None, **overrides):
+    rc = run_config(**overrides)
+    cfg = parse_run_config(rc)
+    template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
+    test = Split(fmnist.test.images[:200], fmnist.test.labels[:200])
+    records: list[dict] = []
+    strategy = make_strategy(cfg, template, GlobalEvaluator(cfg, test, 10, 1), records.append)
+    return strategy, LoopbackGrid(NODES, rc, tamper), records
+
+
+def play(strategy, grid, rounds: int):
+    strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=rounds,
+                   evaluate_fn=strategy.evaluate_global)
+
+
+def active_counts(masks):
+    return {name: int(m.sum()) for name, m in masks.items()}
+
+
+# ---------------------------------------------------------------------------------------------- FedMef
+
+
+def test_fedmef_adjustment_keeps_exact_sparsity_and_grows_at_zero(fmnist):
+    strategy, grid, records = federation(fmnist)
+    before_counts = active_counts(strategy.masks)
+    play(strategy, grid, 1)
+    before = {n: m.clone() for n, m in strategy.masks.items()}
+    assert strategy.instructions(2).adjusting
+    # Flower numbers rounds from 1 in every start(); drive round 2 by hand
+    replies = grid.send_and_receive(strategy.configure_train(2, None, None, grid))
+    strategy.aggregate_train(2, replies)
+    assert not strategy.record["rejected"]
+    assert active_counts(strategy.masks) == before_counts  # exactly the target sparsity per layer
+    grown = {n: strategy.masks[n] & ~before[n] for n in before}
+    dropped = {n: before[n] & ~strategy.masks[n] for n in before}
+    assert sum(int(g.sum()) for g in grown.values()) > 0
+    assert all(int(grown[n].sum()) == int(dropped[n].sum()) for n in grown)
+    assert all(torch.all(strategy.global_state()[n][grown[n]] == 0) for n in grown)
+    assert abs(strategy.record["sparsity"] - 0.9) < 1e-3
+
+
+def test_bae_marks_active_weights_and_squeezes_them(fmnist):
+    # a strong λ, so that 4 steps of eq. 2 visibly shrink the marked weights whatever the data says
+    strategy, grid, _ = federation(fmnist, **{"bae-lambda": 1.0})
+    ins = strategy.instructions(2)
+    assert ins.bae and ins.topk and sum(ins.counts) > 0
+    strategy._ins = ins
+    strategy.record = {"round": 2, "rejected": [], "bytes_up_all": []}
+    strategy._sent = {}
+    messages = [strategy._message(node, ins, "train") for node in grid.get_node_ids()]
+    for reply in grid.send_and_receive(messages):
+        assert not reply.has_error(), reply.error
+        metrics = reply.content["metrics"]
+        assert metrics["bae-marked"] == sum(ins.counts)  # public port: marks pruned zeros -> norm 0
+        assert metrics["bae-norm-start"] > 0
+        assert metrics["bae-norm-end"] < metrics["bae-norm-start"]
+        topk = from_array_record(reply.content["topk"])
+        start = 0
+        for (name, shape), count in zip(strategy.layout.masked, topk["topk-count"].tolist()):
+            idx = torch.from_numpy(topk["topk-idx"][start:start + count].astype(np.int64))
+            start += count
+            assert count <= ins.counts[[n for n, _ in strategy.layout.masked].index(name)]
+            # positions in the full tensor, and only pruned ones (public port: positions in the pruned subset)
+            assert int(idx.max()) < int(np.prod(shape)) if count else True
+            assert not strategy.masks[name].reshape(-1)[idx].any()
+
+
+def test_masks_travel_only_to_nodes_without_the_current_version(fmnist):
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
+    play(strategy, grid, 2)
+    first, second = grid.sent[:NODES], grid.sent[NODES:2 * NODES]
+    assert all("masks" in m.content for m in first)
+    assert not any("masks" in m.content for m in second)
+    assert all(m.content["train"]["mask-version"] == 0 for m in second)
+    # a node that lost its state fails the round, is rejected, and gets the mask again next time
+    lost = next(iter(grid.contexts))
+    grid.contexts[lost].state = type(grid.contexts[lost].state)()
+    replies = grid.send_and_receive(strategy.configure_train(3, None, None, grid))
+    strategy.aggregate_train(3, replies)
+    assert [r["node_id"] for r in strategy.record["rejected"]] == [lost]
+    assert "mask version" in strategy.record["rejected"][0]["reason"]
+    again = list(strategy.configure_train(4, None, None, grid))
+    assert ["masks" in m.content for m in again] == [m.metadata.dst_node_id == lost for m in again]
+
+
+# ---------------------------------------------------------------------------------------------- replies
+
+
+def _set_values(reply: Message, value: float, examples: int) -> Message:
+    arrays = from_array_record(reply.content["model"])
+    arrays["values"] = np.full_like(arrays["values"], value)
+    reply.content["model"] = to_array_record(arrays)
+    metrics = dict(reply.content["metrics"])
+    metrics["num-examples"] = examples
+    reply.content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+def test_aggregation_is_weighted_by_examples(fmnist):
+    plan = {0: (1.0, 100), 1: (3.0, 300), 2: (5.0, 600)}
+    strategy, grid, _ = federation(fmnist, tamper=lambda i, r: _set_values(r, *plan[i]), **{"delta-r": 100})
+    play(strategy, grid, 1)
+    expected = (1.0 * 100 + 3.0 * 300 + 5.0 * 600) / 1000
+    for name, mask in strategy.masks.items():
+        values = strategy.global_state()[name][mask]
+        assert torch.allclose(values, torch.full_like(values, expected))
+
+
+def _corrupt(kind: str):
+    def tamper(i: int, reply: Message) -> Message:
+        if i != 1:
+            return reply
+        if kind == "missing":
+            del reply.content["model"]
+            return reply
+        if kind == "examples":
+            return _set_values(reply, 0.0, -5)
+        arrays = from_array_record(reply.content["model"])
+        if kind == "nan":
+            arrays["values"][0] = np.nan
+        elif kind == "inf":
+            arrays["dense"][-1] = -np.inf
+        elif kind == "shape":
+            arrays["values"] = arrays["values"][:-2]
+        elif kind == "topk-range":
+            topk = from_array_record(reply.content["topk"])
+            topk["topk-idx"][-1] = 2**31
+            reply.content["topk"] = to_array_record(topk)
+        reply.content["model"] = to_array_record(arrays)
+        return reply
+    return tamper
+
+
+@pytest.mark.parametrize("kind", ["missing", "examples", "nan", "inf", "shape", "topk-range"])
+def test_a_malformed_reply_is_rejected_and_the_round_goes_on(fmnist, kind, caplog):
+    strategy, grid, _ = federation(fmnist, tamper=_corrupt(kind), **{"delta-r": 1})
+    before = {n: t.clone() for n, t in strategy.global_state().items()}
+    replies = grid.send_and_receive(strategy.configure_train(1, None, None, grid))
+    strategy.aggregate_train(1, replies)
+    bad = replies[1].metadata.src_node_id
+    assert [r["node_id"] for r in strategy.record["rejected"]] == [bad]
+    assert strategy.record["rejected"][0]["reason"].startswith("malformed reply")
+    assert len(strategy.record["clients"]) == NODES - 1
+    assert all(torch.isfinite(t).all() for t in strategy.global_state().values())
+    assert any(not torch.equal(before[n], t) for n, t in strategy.global_state().items())
+
+
+# ---------------------------------------------------------------------------------------------- all methods
+
+
+@pytest.mark.parametrize("method", ["fedmef", "fedtiny", "feddst", "pqsu", "fedavg", "feddip"])
+def test_every_method_runs_and_keeps_its_sparsity(fmnist, method):
+    strategy, grid, records = federation(fmnist, strategy=method, **{"feddip-interval": 2})
+    counts = active_counts(strategy.masks)
+    play(strategy, grid, 2)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(not r.get("rejected") for r in records[1:])
+    assert all(len(r["clients"]) == NODES for r in records[1:])
+    final = records[-1]
+    if method == "fedavg":
+        assert final["sparsity"] == 0.0
+        assert final["bytes_per_client"] > 0.9 * final["dense_bytes_per_client"]
+    elif method == "feddip":  # reconfigured at round 2 on the cubic schedule
+        from common.schedules import feddip_sparsity
+        assert abs(final["sparsity"] - feddip_sparsity(2, 3, 0.5, 0.9)) < 1e-3
+    else:
+        assert active_counts(strategy.masks) == counts
+        assert final["bytes_per_client"] < 0.2 * final["dense_bytes_per_client"]
+    assert final["accuracy"] is not None

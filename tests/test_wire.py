@@ -1,0 +1,146 @@
+"""The sparse wire format: exact round trips, byte counts, and rejection of malformed content."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.masks import random_masks
+from common.models import build_model
+from common.wire import (ModelLayout, WireError, content_bytes, decode_masks, decode_positions, encode_masks,
+                         encode_positions, from_array_record, pack_values, to_array_record, unpack_values)
+from flwr.app import RecordDict
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = build_model("lenet5", norm="batchnorm", num_classes=10, in_channels=1)
+    layout = ModelLayout.of(model)
+    masks = random_masks(layout.masked_shapes, 0.9, generator=torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, mask in masks.items():
+        state[name] = state[name] * mask
+    return model, layout, masks, state
+
+
+def test_layout_separates_masked_weights_from_dense_tensors(lenet):
+    model, layout, _, _ = lenet
+    masked = dict(layout.masked)
+    assert set(masked) == {n for n, m in model.named_parameters() if n.endswith("weight") and m.dim() >= 2}
+    dense = dict(layout.dense)
+    assert not any(n.endswith(".mask") or n.endswith("num_batches_tracked") for n in dense)
+    assert any(n.endswith("running_mean") for n in dense)  # BatchNorm statistics travel
+
+
+def test_values_round_trip_exactly_through_an_array_record(lenet):
+    _, layout, masks, state = lenet
+    arrays = from_array_record(to_array_record(pack_values(state, layout, masks)))
+    assert arrays["values"].size == sum(int(m.sum()) for m in masks.values())
+    back = unpack_values(arrays, layout, masks)
+    for name in back:
+        assert torch.equal(back[name], state[name].float()), name
+
+
+def test_dense_values_round_trip(lenet):
+    _, layout, _, state = lenet
+    back = unpack_values(pack_values(state, layout, None), layout, None)
+    assert all(torch.equal(back[n], state[n].float()) for n in back)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.5, 1.0])
+def test_masks_round_trip_at_any_density(lenet, density):
+    _, layout, _, _ = lenet
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(s, generator=g) < density for n, s in layout.masked}
+    back = decode_masks(encode_masks(masks, layout), layout)
+    assert all(torch.equal(back[n], masks[n]) for n in masks)
+
+
+def test_sparse_masks_take_positions_dense_masks_a_bitmap(lenet):
+    _, layout, _, _ = lenet
+    n = sum(np.prod(s) for _, s in layout.masked)
+    empty = {name: torch.zeros(s, dtype=torch.bool) for name, s in layout.masked}
+    full = {name: torch.ones(s, dtype=torch.bool) for name, s in layout.masked}
+    assert encode_masks(empty, layout).size == 5 * len(layout.masked)  # format byte + count, no positions
+    assert encode_masks(full, layout).size == sum(1 + -(-int(np.prod(s)) // 8) for _, s in layout.masked)
+    assert encode_masks(full, layout).size < n / 7
+
+
+@pytest.mark.parametrize("corrupt", ["truncate", "extra", "format", "position"])
+def test_corrupt_masks_are_rejected(lenet, corrupt):
+    _, layout, masks, _ = lenet
+    sparse = {n: torch.zeros_like(m) for n, m in masks.items()}
+    sparse[layout.masked[0][0]].view(-1)[[3, 9]] = True
+    buf = encode_masks(sparse, layout)
+    if corrupt == "truncate":
+        buf = buf[:-3]
+    elif corrupt == "extra":
+        buf = np.concatenate([buf, np.zeros(2, np.uint8)])
+    elif corrupt == "format":
+        buf = buf.copy()
+        buf[0] = 7
+    else:  # claim more positions than the layer has
+        buf = buf.copy()
+        buf[1:5] = np.frombuffer(np.uint32(10**6).tobytes(), np.uint8)
+    with pytest.raises(WireError):
+        decode_masks(buf, layout)
+
+
+def test_positions_round_trip_with_and_without_values(lenet):
+    _, layout, masks, _ = lenet
+    name = layout.masked[2][0]
+    entries = {name: (torch.tensor([0, 5, 17]), torch.tensor([0.5, -1.0, 2.0]))}
+    back = decode_positions(encode_positions(entries, layout, "topk"), layout, "topk", True)
+    assert torch.equal(back[name][0], entries[name][0]) and torch.equal(back[name][1], entries[name][1])
+    assert all(back[n][0].numel() == 0 for n, _ in layout.masked if n != name)
+    flips = decode_positions(encode_positions({name: (torch.tensor([4, 8]), None)}, layout, "flips"), layout,
+                             "flips", False)
+    assert flips[name][0].tolist() == [4, 8] and flips[name][1] is None
+
+
+@pytest.mark.parametrize("problem", ["missing", "nan", "inf", "short", "dtype", "2d"])
+def test_malformed_values_are_rejected(lenet, problem):
+    _, layout, masks, state = lenet
+    arrays = pack_values(state, layout, masks)
+    if problem == "missing":
+        del arrays["values"]
+    elif problem == "nan":
+        arrays["values"][3] = np.nan
+    elif problem == "inf":
+        arrays["dense"][0] = np.inf
+    elif problem == "short":
+        arrays["values"] = arrays["values"][:-1]
+    elif problem == "dtype":
+        arrays["values"] = arrays["values"].astype(np.float64)
+    else:
+        arrays["values"] = arrays["values"].reshape(1, -1)
+    with pytest.raises(WireError):
+        unpack_values(arrays, layout, masks)
+
+
+@pytest.mark.parametrize("problem", ["out-of-range", "unsorted", "count", "negative-count", "nan"])
+def test_malformed_positions_are_rejected(lenet, problem):
+    _, layout, _, _ = lenet
+    name, shape = layout.masked[0]
+    arrays = encode_positions({name: (torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
+    if problem == "out-of-range":
+        arrays["topk-idx"][2] = int(np.prod(shape))
+    elif problem == "unsorted":
+        arrays["topk-idx"][:] = [3, 1, 2]
+    elif problem == "count":
+        arrays["topk-count"][0] = 4
+    elif problem == "negative-count":
+        arrays["topk-count"][1] = -1
+    else:
+        arrays["topk-val"][0] = np.nan
+    with pytest.raises(WireError):
+        decode_positions(arrays, layout, "topk", True)
+
+
+def test_sparse_content_is_about_a_tenth_of_dense_at_sparsity_0_9(lenet):
+    _, layout, masks, state = lenet
+    dense = content_bytes(RecordDict({"model": to_array_record(pack_values(state, layout, None))}))
+    sparse = content_bytes(RecordDict({"model": to_array_record(pack_values(state, layout, masks))}))
+    with_mask = content_bytes(RecordDict({"model": to_array_record(pack_values(state, layout, masks)),
+                                          "masks": to_array_record({"bits": encode_masks(masks, layout)})}))
+    assert 0.09 < sparse / dense < 0.11
+    assert with_mask - sparse < dense / 32 + 500  # a mask costs at most ~1 bit per weight
