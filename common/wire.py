@@ -173,17 +173,17 @@ def encode_positions(entries: Mapping[str, tuple[torch.Tensor, torch.Tensor | No
                      prefix: str) -> dict[str, np.ndarray]:
     """Per-layer (flat position, optional value) lists as ``{prefix}-count/-idx[/-val]`` vectors.
 
-    Serves top-K gradients (positions with values) and FedDST mask flips (positions only)."""
+    Positions are packed in ``ceil(log2 n)``-bit fields per layer (App. 7.1's offsets), each layer
+    starting on a byte. Serves top-K gradients (positions with values) and FedDST mask flips."""
     counts, idx, vals = [], [], []
     with_values = any(v is not None for _, v in entries.values())
-    for name, _ in layout.masked:
+    for name, shape in layout.masked:
         positions, values = entries.get(name, (torch.zeros(0, dtype=torch.int64), None))
         counts.append(positions.numel())
-        idx.append(positions.reshape(-1).to(torch.int64))
+        idx.append(pack_uints(positions.reshape(-1).to(torch.int64), index_bits(math.prod(shape))))
         if with_values:
             vals.append(values.reshape(-1) if values is not None else torch.zeros(positions.numel()))
-    out = {f"{prefix}-count": np.asarray(counts, dtype=np.int64),
-           f"{prefix}-idx": torch.cat(idx).numpy().astype(np.uint32) if idx else np.zeros(0, np.uint32)}
+    out = {f"{prefix}-count": np.asarray(counts, dtype=np.int64), f"{prefix}-idx": torch.cat(idx).numpy()}
     if with_values:
         out[f"{prefix}-val"] = _cat_f32(vals).numpy()
     return out
@@ -200,19 +200,21 @@ def decode_positions(arrays: Mapping[str, np.ndarray], layout: ModelLayout, pref
             or (counts < 0).any():
         raise WireError(f"{prefix}-count must hold one non-negative count per masked layer ({len(layout.masked)})")
     idx = arrays[f"{prefix}-idx"]
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or idx.size != int(counts.sum()):
-        raise WireError(f"{prefix}-idx must be a 1-D integer vector of {int(counts.sum())} positions")
-    vals = _float_vector(arrays, f"{prefix}-val", idx.size) if with_values else None
+    widths = [index_bits(math.prod(shape)) for _, shape in layout.masked]
+    nbytes = [-(-count * width // 8) for count, width in zip(counts.tolist(), widths)]
+    if idx.ndim != 1 or idx.dtype != np.uint8 or idx.size != sum(nbytes):
+        raise WireError(f"{prefix}-idx must be {sum(nbytes)} bytes of packed positions for these counts")
+    vals = _float_vector(arrays, f"{prefix}-val", int(counts.sum())) if with_values else None
+    packed = torch.from_numpy(idx.copy())
     out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    start = 0
-    for (name, shape), count in zip(layout.masked, counts.tolist()):
-        pos = torch.from_numpy(idx[start:start + count].astype(np.int64))
-        if count and (int(pos.min()) < 0 or int(pos.max()) >= math.prod(shape)
-                      or bool((pos[1:] <= pos[:-1]).any())):
+    byte, start = 0, 0
+    for (name, shape), count, width, size in zip(layout.masked, counts.tolist(), widths, nbytes):
+        pos = unpack_uints(packed[byte:byte + size], count, width)
+        if count and (int(pos.max()) >= math.prod(shape) or bool((pos[1:] <= pos[:-1]).any())):
             raise WireError(f"{prefix} positions of {name!r} are out of range [0, {math.prod(shape)}) "
                             "or not strictly increasing")
         out[name] = (pos, vals[start:start + count].clone() if vals is not None else None)
-        start += count
+        byte, start = byte + size, start + count
     return out
 
 

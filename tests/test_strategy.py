@@ -11,7 +11,7 @@ from flwr.app import Message, MetricRecord
 from common.config import parse_run_config
 from common.datasets import Split, load_dataset
 from common.models import build_model
-from common.wire import from_array_record, to_array_record
+from common.wire import decode_positions, from_array_record, to_array_record
 from loopback import LoopbackGrid
 from server.server_app import GlobalEvaluator
 from server.strategy import make_strategy
@@ -89,14 +89,12 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
         assert metrics["bae-marked"] == sum(ins.counts)  # public port: marks pruned zeros -> norm 0
         assert metrics["bae-norm-start"] > 0
         assert metrics["bae-norm-end"] < metrics["bae-norm-start"]
-        topk = from_array_record(reply.content["topk"])
-        start = 0
-        for (name, shape), count in zip(strategy.layout.masked, topk["topk-count"].tolist()):
-            idx = torch.from_numpy(topk["topk-idx"][start:start + count].astype(np.int64))
-            start += count
-            assert count <= ins.counts[[n for n, _ in strategy.layout.masked].index(name)]
+        topk = decode_positions(from_array_record(reply.content["topk"]), strategy.layout, "topk", True)
+        for (name, shape), count in zip(strategy.layout.masked, ins.counts):
+            idx = topk[name][0]
+            assert 0 < idx.numel() <= count
             # positions in the full tensor, and only pruned ones (public port: positions in the pruned subset)
-            assert int(idx.max()) < int(np.prod(shape)) if count else True
+            assert int(idx.max()) < int(np.prod(shape))
             assert not strategy.masks[name].reshape(-1)[idx].any()
 
 
@@ -157,9 +155,9 @@ def _corrupt(kind: str):
             arrays["dense"][-1] = -np.inf
         elif kind == "shape":
             arrays["values"] = arrays["values"][:-2]
-        elif kind == "topk-range":
+        elif kind == "topk-range":  # one more top-K entry than the packed positions hold
             topk = from_array_record(reply.content["topk"])
-            topk["topk-idx"][-1] = 2**31
+            topk["topk-count"][0] += 1
             reply.content["topk"] = to_array_record(topk)
         reply.content["model"] = to_array_record(arrays)
         return reply

@@ -8,6 +8,7 @@ from common.masks import random_masks
 from common.models import build_model
 from common.wire import (ModelLayout, WireError, content_bytes, decode_masks, decode_positions, encode_masks,
                          encode_positions, from_array_record, pack_values, to_array_record, unpack_values)
+from common.sparse_codec import index_bits
 from flwr.app import RecordDict
 
 
@@ -117,23 +118,33 @@ def test_malformed_values_are_rejected(lenet, problem):
         unpack_values(arrays, layout, masks)
 
 
-@pytest.mark.parametrize("problem", ["out-of-range", "unsorted", "count", "negative-count", "nan"])
+@pytest.mark.parametrize("problem", ["out-of-range", "unsorted", "count", "negative-count", "nan", "bytes"])
 def test_malformed_positions_are_rejected(lenet, problem):
     _, layout, _, _ = lenet
     name, shape = layout.masked[0]
     arrays = encode_positions({name: (torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
-    if problem == "out-of-range":
-        arrays["topk-idx"][2] = int(np.prod(shape))
+    if problem == "out-of-range":  # 2**width - 1 lies beyond this layer's n
+        arrays = encode_positions({name: (torch.tensor([1, 2, 2 ** index_bits(int(np.prod(shape))) - 1]),
+                                          torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
     elif problem == "unsorted":
-        arrays["topk-idx"][:] = [3, 1, 2]
+        arrays = encode_positions({name: (torch.tensor([3, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
     elif problem == "count":
         arrays["topk-count"][0] = 4
     elif problem == "negative-count":
         arrays["topk-count"][1] = -1
-    else:
+    elif problem == "nan":
         arrays["topk-val"][0] = np.nan
+    else:
+        arrays["topk-idx"] = arrays["topk-idx"][:-1]
     with pytest.raises(WireError):
         decode_positions(arrays, layout, "topk", True)
+
+
+def test_positions_take_ceil_log2_n_bits(lenet):
+    _, layout, _, _ = lenet
+    name, shape = layout.masked[-1]
+    arrays = encode_positions({name: (torch.arange(0, 800, 2), None)}, layout, "flips")
+    assert arrays["flips-idx"].size == -(-400 * index_bits(int(np.prod(shape))) // 8)
 
 
 def test_sparse_content_is_about_a_tenth_of_dense_at_sparsity_0_9(lenet):
