@@ -17,8 +17,9 @@ data:
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
 	  || echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist'"
 
+# The main job: a short FedMef run in Flower's simulation engine (4 SuperNodes), then the result table.
 run: .venv/.installed data
-	$(PY) -m bench.train
+	$(PY) -m bench.simulation
 
 test: .venv/.installed data
 	$(PY) -m pytest -q

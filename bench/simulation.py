@@ -16,10 +16,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,11 +34,21 @@ class SimulationError(RuntimeError):
     pass
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Offline Flower: no telemetry, no update check, no run-time `uv sync`, a private FLWR_HOME."""
+    """Offline Flower: no telemetry, no update check, no run-time `uv sync`, a private FLWR_HOME.
+
+    The local SuperLink gets free ports: on its fixed default (39091) a second ``flwr run`` would
+    silently submit to another run's SuperLink."""
     env = dict(os.environ)
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(flwr_home))
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(flwr_home),
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -49,13 +61,16 @@ def toml_overrides(values: Mapping[str, Any]) -> str:
 
 def stop_flower_processes(flwr_home: Path) -> int:
     """Stop the SuperLink/SuperExec/simulation processes started under ``flwr_home``; returns how many."""
-    mine = []
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == str(flwr_home):
-                mine.append(proc)
+                # Ray's agents may not carry FLWR_HOME, so take every descendant too
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    mine = list(found.values())
     for proc in mine:
         try:
             proc.send_signal(signal.SIGTERM)
@@ -73,11 +88,11 @@ def run_simulation(run_config: Mapping[str, Any], num_supernodes: int, results_d
     """``flwr run . --stream`` with the given overrides; returns the results the ServerApp wrote."""
     results_dir = results_dir.resolve()
     flwr_home = Path(tempfile.mkdtemp(prefix="fedmef-flwr-home-"))
-    overrides = {**run_config, "results-dir": str(results_dir), "run-name": run_name}
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream"]
-    if preset is not None:
-        cmd += ["--run-config", str(preset)]
-    cmd += ["--run-config", toml_overrides(overrides),
+    # flwr run takes either a TOML file or k=v pairs, not both: merge the preset in here
+    preset_values = tomllib.loads(preset.read_text()) if preset is not None else {}
+    overrides = {**preset_values, **run_config, "results-dir": str(results_dir), "run-name": run_name}
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream",
+           "--run-config", toml_overrides(overrides),
             "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
     results = results_dir / run_name / "results.json"
     if results.exists():
@@ -113,7 +128,6 @@ def main() -> None:
     a = p.parse_args()
     overrides = {}
     if a.set:
-        import tomllib
         overrides = tomllib.loads("\n".join(a.set.split()))
     name = a.name or f"{overrides.get('strategy', 'fedmef')}-{time.strftime('%Y%m%d-%H%M%S')}"
     log_path = a.results_dir.resolve() / f"{name}.log"

@@ -18,7 +18,6 @@ import torch
 
 from common.config import RunConfig
 from common.datasets import DataError, Dataset, Split, load_dataset
-from common.partition import client_data
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,10 @@ def _dataset(name: str, data_dir: str, download: bool) -> Dataset:
 @functools.lru_cache(maxsize=16)
 def _partition(dataset: str, data_dir: str, download: bool, scheme: str, alpha: float, seed: int,
                val_fraction: float, partition_id: int, num_partitions: int) -> ClientData:
+    # Imported here: it pulls in Flower Datasets (pyarrow, pandas), which a device reading a prepared
+    # partition file (data-path) neither needs installed nor should pay for in RAM.
+    from common.partition import client_data
+
     full = _dataset(dataset, data_dir, download)
     train, val = client_data(full, partition_id, num_partitions, scheme=scheme, alpha=alpha, seed=seed,
                              val_fraction=val_fraction)

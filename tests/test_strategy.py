@@ -200,3 +200,22 @@ def test_every_method_runs_and_keeps_its_sparsity(fmnist, method):
         assert active_counts(strategy.masks) == counts
         assert final["bytes_per_client"] < 0.2 * final["dense_bytes_per_client"]
     assert final["accuracy"] is not None
+
+
+def test_clients_evaluate_the_global_model_on_their_validation_split(fmnist):
+    strategy, grid, records = federation(fmnist, **{"fraction-evaluate": 1.0, "delta-r": 100})
+    play(strategy, grid, 1)
+    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluations) == NODES
+    client_eval = records[-1]["client_eval"]
+    assert 0.0 <= client_eval["eval-acc"] <= 1.0 and client_eval["eval-loss"] > 0
+
+
+def test_missing_data_on_a_client_is_reported_with_how_to_get_it(fmnist, tmp_path):
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
+    for context in grid.contexts.values():
+        context.run_config.update({"dataset": "cifar10", "data-dir": str(tmp_path)})
+    replies = grid.send_and_receive(strategy.configure_train(1, None, None, grid))
+    strategy.aggregate_train(1, replies)
+    reasons = [r["reason"] for r in strategy.record["rejected"]]
+    assert len(reasons) == NODES and all("CIFAR-10" in r and "cifar10.npz" in r for r in reasons)

@@ -155,3 +155,33 @@ def test_sparse_content_is_about_a_tenth_of_dense_at_sparsity_0_9(lenet):
                                           "masks": to_array_record({"bits": encode_masks(masks, layout)})}))
     assert 0.09 < sparse / dense < 0.11
     assert with_mask - sparse < dense / 32 + 500  # a mask costs at most ~1 bit per weight
+
+
+def test_sparse_masks_are_rice_coded_below_half_a_bit_per_weight(lenet):
+    _, layout, _, _ = lenet
+    g = torch.Generator().manual_seed(3)
+    masks = {n: torch.rand(s, generator=g) < 0.08 for n, s in layout.masked}
+    buf = encode_masks(masks, layout)
+    n = sum(int(np.prod(s)) for _, s in layout.masked)
+    assert 8 * buf.size < 0.5 * n
+    assert buf[0] in (0, 2)  # the first layer (150 weights) may keep its bitmap; the big ones use Rice
+
+
+@pytest.mark.parametrize("cut", [1, 6, 12])
+def test_corrupt_rice_masks_are_rejected(lenet, cut):
+    _, layout, _, _ = lenet
+    name, shape = layout.masked[2]
+    masks = {n: torch.zeros(s, dtype=torch.bool) for n, s in layout.masked}
+    masks[name].view(-1)[torch.arange(0, int(np.prod(shape)), 13)] = True
+    buf = encode_masks(masks, layout)
+    start = sum(5 for _ in layout.masked[:2])  # two empty layers before it
+    assert buf[start] == 2
+    bad = buf.copy()
+    if cut == 1:  # count larger than the quotients hold
+        bad[start + 1:start + 5] = np.frombuffer(np.uint32(10**5).tobytes(), np.uint8)
+    elif cut == 6:  # unary stream length inconsistent with the count
+        bad[start + 6:start + 10] = np.frombuffer(np.uint32(3).tobytes(), np.uint8)
+    else:  # a truncated buffer
+        bad = bad[:start + 12]
+    with pytest.raises(WireError):
+        decode_masks(bad, layout)
