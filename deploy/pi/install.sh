@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Make a Raspberry Pi (4B, Raspberry Pi OS Lite 64-bit) a SuperNode of the federation:
+#   - a Python venv in /opt/fedmef/venv with the pinned wheels of requirements-aarch64.txt
+#     (torch 2.9.1 CPU, flwr 1.41.0, ...), nothing compiled on the Pi;
+#   - the system user `flower`, /etc/fedmef (CA, device key) and /var/lib/fedmef (data partition);
+#   - the systemd unit flower-supernode.service and its settings file /etc/default/flower-supernode.
+# The ClientApp's code itself comes from the SuperLink with each run.
+#
+# Usage: sudo ./install.sh SUPERLINK_ADDRESS [MEMORY_BUDGET_MB]
+#   e.g.  sudo ./install.sh 192.168.1.10:8000 1024
+# Run it from a copy of deploy/pi/. Safe to re-run (an existing venv is brought to the pins, an
+# existing settings file is kept). PIP_INDEX_URL may name a mirror of the package registry.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+venv=/opt/fedmef/venv
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+[[ $# -ge 1 && $# -le 2 ]] || die "usage: sudo $0 SUPERLINK_ADDRESS [MEMORY_BUDGET_MB], e.g. 192.168.1.10:8000 1024"
+superlink=$1
+budget=${2:-1024}
+[[ $superlink =~ ^[^[:space:]]+:[0-9]+$ ]] || die "SUPERLINK_ADDRESS must be host:port, e.g. 192.168.1.10:8000, got '$superlink'"
+[[ $budget =~ ^[0-9]+$ ]] || die "MEMORY_BUDGET_MB must be a number of MiB, got '$budget'"
+[[ $(id -u) -eq 0 ]] || die "run it as root: sudo $0 $*"
+[[ $(uname -m) == aarch64 ]] \
+    || die "this is $(uname -m), not aarch64: flash Raspberry Pi OS Lite (64-bit); the 32-bit OS has no torch wheels"
+for file in requirements-aarch64.txt flower-supernode.service; do
+    [[ -f $here/$file ]] || die "$here/$file is missing: copy the whole deploy/pi folder to the Pi"
+done
+
+echo "== system packages"
+apt-get update -q
+apt-get install -y -q python3 python3-venv
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || die "Python $(python3 -V) is too old: Flower 1.41 needs 3.10 or newer (Raspberry Pi OS bookworm has 3.11)"
+
+echo "== user and folders"
+id flower >/dev/null 2>&1 || useradd --system --user-group --home-dir /var/lib/flower-supernode --shell /usr/sbin/nologin flower
+install -d -o root -g flower -m 750 /etc/fedmef
+install -d -o flower -g flower -m 750 /var/lib/fedmef
+
+echo "== Python packages into $venv"
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+# PIP_CONFIG_FILE=/dev/null: Raspberry Pi OS's /etc/pip.conf adds piwheels, whose builds are not the
+# wheels checked by check-wheels.sh. --no-deps with the full lock: nothing unpinned comes in, and
+# `pip check` below catches a dependency the lock would lack.
+export PIP_CONFIG_FILE=/dev/null
+"$venv/bin/python" -m pip install -q --no-cache-dir --only-binary=:all: --no-deps \
+    -r "$here/requirements-aarch64.txt"
+"$venv/bin/python" -m pip check
+# torch >= 2.10 from the registry dies here with SIGILL on a Cortex-A72; prove this one computes.
+"$venv/bin/python" -c '
+import torch, flwr
+x = torch.randn(8, 1, 28, 28)
+y = torch.nn.Conv2d(1, 6, 5)(x).relu().sum()
+y.backward()
+print(f"torch {torch.__version__} and flwr {flwr.__version__} work on this CPU")'
+
+echo "== systemd unit"
+install -m 644 "$here/flower-supernode.service" /etc/systemd/system/flower-supernode.service
+if [[ -f /etc/default/flower-supernode ]]; then
+    echo "keeping /etc/default/flower-supernode"
+else
+    printf 'SUPERLINK=%s\nMEMORY_BUDGET_MB=%s\n' "$superlink" "$budget" >/etc/default/flower-supernode
+fi
+systemctl daemon-reload
+
+missing=()
+for file in /etc/fedmef/ca.crt /etc/fedmef/device.key /var/lib/fedmef/partition.npz; do
+    [[ -f $file ]] || missing+=("$file")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "done: start it with  sudo systemctl enable --now flower-supernode"
+else
+    echo "done; before  sudo systemctl enable --now flower-supernode  put in place: ${missing[*]}"
+    echo "(see deploy/README.md: the CA certificate, this device's private key, its data partition)"
+fi

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Start the federation's SuperLink: TLS, SuperNode authentication, state kept in a database file.
+#
+# Settings (environment; flower-superlink.service sets them, /etc/default/flower-superlink overrides):
+#   FEDMEF_PKI        folder with ca.crt, server.pem, server.key from make-pki.sh   (default: ./pki)
+#   FEDMEF_STATE_DIR  where the SuperLink's database and Flower's files live        (default: ./state)
+#   FEDMEF_HOST       address to listen on; 0.0.0.0 lets devices on the network in   (default: 0.0.0.0)
+#   FEDMEF_PORT       the one port of Fleet, Control and Runtime APIs (HTTPS)        (default: 8000)
+#   FEDMEF_NODE_AUTH  1: only SuperNodes whose key is registered may join; 0: any    (default: 1)
+# The flwr 1.41 venv with this project installed (make .venv/.installed) must be first on PATH:
+# the SuperLink starts flower-superexec by name, and that runs the ServerApp.
+set -euo pipefail
+
+pki=${FEDMEF_PKI:-./pki}
+state=${FEDMEF_STATE_DIR:-./state}
+host=${FEDMEF_HOST:-0.0.0.0}
+port=${FEDMEF_PORT:-8000}
+node_auth=${FEDMEF_NODE_AUTH:-1}
+
+die() { echo "start-superlink.sh: $*" >&2; exit 1; }
+for tool in flower-superlink flower-superexec; do
+    command -v "$tool" >/dev/null || die "$tool is not on PATH: put the project's venv (flwr 1.41.0) first on PATH"
+done
+for file in ca.crt server.pem server.key; do
+    [[ -r $pki/$file ]] || die "$pki/$file is missing or unreadable: make it with deploy/server/make-pki.sh or set FEDMEF_PKI"
+done
+[[ $port =~ ^[0-9]+$ ]] || die "FEDMEF_PORT must be a port number, got '$port'"
+mkdir -p "$state" || die "cannot create the state folder $state: set FEDMEF_STATE_DIR to a writable place"
+
+# Offline Flower: no telemetry or update check, and no run-time `uv sync` of the app's dependencies
+# (it would fetch a CUDA torch); the venv already holds them.
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_HOME=${FLWR_HOME:-$state/flwr-home}
+
+args=(--ssl-ca-certfile "$pki/ca.crt" --ssl-certfile "$pki/server.pem" --ssl-keyfile "$pki/server.key"
+      # a file, so registered SuperNodes and runs survive a restart; without it every SuperNode
+      # gets 401 after a restart and has to be registered again
+      --database "$state/superlink.db"
+      --host "$host" --port "$port" --disable-runtime-dependency-installation)
+case $node_auth in
+    1) args+=(--enable-supernode-auth) ;;
+    0) echo "start-superlink.sh: FEDMEF_NODE_AUTH=0: any SuperNode that trusts the CA may join" >&2 ;;
+    *) die "FEDMEF_NODE_AUTH must be 1 or 0, got '$node_auth'" ;;
+esac
+# exec: systemd and tests see the SuperLink itself, not this shell
+exec flower-superlink "${args[@]}"

@@ -1,0 +1,384 @@
+"""deploy/: compose files and systemd units against the pinned Flower's own CLI parsers, the PKI script,
+the SuperLink start script, the Pi's pinned requirements, and the partition files the ClientApp reads.
+(tests/test_deployment_e2e.py runs it all on the real Deployment Engine.)"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import shlex
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import flwr
+import numpy as np
+import pytest
+import torch
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.config import parse_config_args
+from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
+from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_parser
+from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
+
+import deploy.prepare_partitions as prep
+from client.data import load_client_data
+from common.config import parse_run_config
+from common.datasets import Dataset, Split
+from common.partition import client_data
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PARSERS = {"flower-superlink": superlink_parser, "flower-supernode": supernode_parser,
+           "flower-superexec": superexec_parser}
+
+
+def parse(cli: str, args: list[str]) -> argparse.Namespace:
+    """``args`` as the installed Flower's own parser for ``cli`` reads them; fails on any unknown flag,
+    bad choice or missing required argument, with argparse's message."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return PARSERS[cli]().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{cli} {shlex.join(args)}: {err.getvalue().strip()}")
+
+
+# ---------------------------------------------------------------- compose
+
+def _compose(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def _cli_of(service: dict) -> str | None:
+    """Which Flower CLI a service runs: the image's entrypoint, or deploy/Dockerfile's (flower-superexec)."""
+    if "entrypoint" in service:
+        return None
+    if "build" in service:
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        return "flower-superexec"
+    image = service["image"].split(":")[0]
+    return {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}[image]
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """Compose's merge for what is checked here: an override's command replaces the base's."""
+    services = {name: dict(service) for name, service in base["services"].items()}
+    for name, service in override["services"].items():
+        assert name in services, f"{name} in the override is not a service of compose.yml"
+        services[name].update(service)
+    return services
+
+
+def _node_config(args: argparse.Namespace) -> dict:
+    return parse_config_args([args.node_config])
+
+
+@pytest.mark.parametrize("files", [["compose.yml"], ["compose.yml", "compose.tls.yml"]])
+def test_compose_commands_are_valid_for_the_pinned_flower(files):
+    services = _compose(files[0])["services"]
+    if len(files) == 2:
+        services = _merged(_compose(files[0]), _compose(files[1]))
+    tls = len(files) == 2
+    clis = {name: _cli_of(s) for name, s in services.items()}
+    assert sorted(c for c in clis.values() if c) == (["flower-superexec"] * 4 + ["flower-superlink"]
+                                                     + ["flower-supernode"] * 3)
+    for name, service in services.items():
+        tag = service["image"].split(":", 1)[1]
+        assert tag == f"${{FLWR_VERSION:-{flwr.__version__}}}", f"{name}: image not pinned to flwr {flwr.__version__}"
+        if clis[name] is None:  # the one-shot job that hands the state volume to the image's user
+            assert service["entrypoint"][0] == "chown" and "restart" not in service
+            continue
+        assert service["restart"] == "unless-stopped", name
+        args = parse(clis[name], [str(a) for a in service["command"]])
+        if clis[name] == "flower-superlink":
+            assert args.isolation == "process" and args.host == "0.0.0.0"
+            assert any(v.endswith(":/app/state") for v in service["volumes"])  # the state volume
+            assert args.database == "state/superlink.db"
+            assert args.enable_supernode_auth is tls and args.insecure is not tls
+            if tls:
+                assert {args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile} <= {
+                    s["target"].removeprefix("/app/") for s in service["secrets"]}
+        elif clis[name] == "flower-supernode":
+            assert args.isolation == "process" and args.superlink == "superlink:8000"
+            path = _node_config(args)["data-path"]
+            # the ClientApp reads the file, so its SuperExec is the one that mounts the partitions
+            executor = next(s for s in services.values() if s.get("command", [])[-1:] == [f"{name}:{args.port}"])
+            assert path.startswith("/data/") and any(v.endswith(":/data:ro") for v in executor["volumes"])
+            if tls:
+                assert args.root_certificates and args.auth_supernode_private_key and not args.insecure
+                targets = {s["target"].removeprefix("/app/") for s in service["secrets"]}
+                assert {args.root_certificates, args.auth_supernode_private_key} <= targets
+        else:
+            address = args.runtime_api_address
+            assert address == "superlink:8000" or address.startswith("supernode-")
+            if address == "superlink:8000" and tls:
+                assert args.root_certificates and not args.insecure
+
+
+def test_compose_tls_secrets_name_the_pki_files():
+    secrets = _compose("compose.tls.yml")["secrets"]
+    used = {s["source"] for service in _compose("compose.tls.yml")["services"].values()
+            for s in service.get("secrets", [])}
+    assert used == set(secrets)
+    files = {secret["file"].replace("${PKI_DIR:-./pki}", "pki") for secret in secrets.values()}
+    assert files == {"pki/ca.crt", "pki/server.pem", "pki/server.key"} | {f"pki/devices/pi-{i}" for i in (1, 2, 3)}
+
+
+def test_dockerfile_pins_flower_and_cpu_torch():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert f"ARG FLWR_VERSION={flwr.__version__}" in text
+    assert "FROM flwr/superexec:${FLWR_VERSION}" in text
+    assert re.search(r"--extra-index-url https://download.pytorch.org/whl/cpu torch==" + re.escape(
+        torch.__version__.split("+")[0]), text)
+    assert 'ENTRYPOINT ["flower-superexec"]' in text
+    # what the image copies is what the build context lets through
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for copied in re.findall(r"^COPY --chown=app:app (.+?) \S+$", text, re.M):
+        assert all(f"!{c}" in ignore for c in copied.split()), copied
+
+
+# ---------------------------------------------------------------- systemd units and scripts
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """Key -> values of a systemd unit, with continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    entries: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            entries.setdefault(key, []).append(value)
+    return entries
+
+
+def test_supernode_unit_runs_a_valid_supernode_command():
+    unit = _unit(DEPLOY / "pi" / "flower-supernode.service")
+    env = dict(pair.split("=", 1) for line in unit["Environment"] for pair in shlex.split(line))
+    assert {"FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
+            "FLWR_HOME"} <= set(env)
+    assert env["PATH"].startswith("/opt/fedmef/venv/bin:")  # flower-superexec is started by name
+    assert unit["Restart"] == ["on-failure"]
+    # systemd unquotes the words first, then substitutes ${VAR} inside them
+    words = shlex.split(unit["ExecStart"][0])
+    assert words[0] == "/opt/fedmef/venv/bin/flower-supernode"
+    values = {"SUPERLINK": "192.168.1.10:8000", "MEMORY_BUDGET_MB": env["MEMORY_BUDGET_MB"]}
+    args = parse("flower-supernode", [re.sub(r"\$\{(\w+)\}", lambda m: values[m[1]], w) for w in words[1:]])
+    assert args.superlink == "192.168.1.10:8000" and not args.insecure
+    assert args.root_certificates and args.auth_supernode_private_key
+    assert _node_config(args) == {"data-path": "/var/lib/fedmef/partition.npz", "memory-budget-mb": 1024}
+
+
+def test_superlink_unit_starts_the_script():
+    unit = _unit(DEPLOY / "server" / "flower-superlink.service")
+    assert unit["ExecStart"] == ["/opt/fedmef/deploy/server/start-superlink.sh"]
+    assert unit["Restart"] == ["on-failure"]
+    assert (DEPLOY / "server" / "start-superlink.sh").stat().st_mode & 0o111
+
+
+@pytest.fixture
+def fake_flower(tmp_path):
+    """A PATH whose flower-superlink prints its arguments (one per line) instead of serving."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("flower-superlink", 'printf "%s\\n" "$@"'), ("flower-superexec", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("node_auth", ["1", "0"])
+def test_start_superlink_passes_tls_database_and_auth(tmp_path, fake_flower, node_auth):
+    subprocess.run([DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True,
+                   capture_output=True)
+    env = {"PATH": f"{fake_flower}:/usr/bin:/bin", "FEDMEF_PKI": str(tmp_path / "pki"),
+           "FEDMEF_STATE_DIR": str(tmp_path / "state"), "FEDMEF_NODE_AUTH": node_auth}
+    out = subprocess.run([DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    args = parse("flower-superlink", out.splitlines())
+    assert args.enable_supernode_auth is (node_auth == "1") and not args.insecure
+    assert args.host == "0.0.0.0" and args.port == 8000 and not args.runtime_dependency_install
+    assert args.database == str(tmp_path / "state" / "superlink.db")
+    assert args.ssl_certfile == str(tmp_path / "pki" / "server.pem")
+
+
+def test_start_superlink_says_what_is_missing(tmp_path, fake_flower):
+    env = {"PATH": f"{fake_flower}:/usr/bin:/bin", "FEDMEF_PKI": str(tmp_path / "nope")}
+    run = subprocess.run([DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "make-pki.sh" in run.stderr and "ca.crt" in run.stderr
+
+
+def test_register_devices_rejects_a_wrong_key(tmp_path, fake_flower):
+    (fake_flower / "flwr").write_text("#!/bin/sh\nexit 0\n")
+    (fake_flower / "flwr").chmod(0o755)
+    bad = tmp_path / "rsa.pub"
+    bad.write_text("ssh-rsa AAAAB3NzaC1yc2E rsa\n")
+    run = subprocess.run([DEPLOY / "server" / "register-devices.sh", "conn", bad], capture_output=True, text=True,
+                         env={"PATH": f"{fake_flower}:/usr/bin:/bin"})
+    assert run.returncode != 0 and "not an OpenSSH ECDSA P-384 public key" in run.stderr
+
+
+def test_shell_scripts_parse():
+    for script in sorted(DEPLOY.glob("*/*.sh")):
+        subprocess.run(["bash", "-n", script], check=True)
+        assert script.stat().st_mode & 0o111, f"{script} is not executable"
+
+
+# ---------------------------------------------------------------- PKI
+
+def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str) -> None:
+    """A TLS handshake in memory: raises ssl.SSLError if the client rejects the server's certificate."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {client: False, server: False}
+    for _ in range(20):
+        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+            if not done[side]:
+                try:
+                    side.do_handshake()
+                    done[side] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done.values()):
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_make_pki_makes_ca_server_cert_and_device_keys(tmp_path):
+    pki = tmp_path / "pki"
+    script = DEPLOY / "server" / "make-pki.sh"
+    subprocess.run([script, "-o", pki, "-n", "2", "192.168.1.10", "superlink.lan", "127.0.0.1"], check=True,
+                   capture_output=True)
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"192.168.1.10", "127.0.0.1"}
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink.lan"]
+    assert (pki / "ca.key").stat().st_mode & 0o077 == 0 and (pki / "server.key").stat().st_mode & 0o077 == 0
+
+    # Raspberry Pi OS trixie's Python 3.13 verifies with X509_STRICT; so does this client
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki / "server.pem", pki / "server.key")
+    client_ctx = ssl.create_default_context(cafile=pki / "ca.crt")
+    client_ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    for hostname in ("192.168.1.10", "superlink.lan", "127.0.0.1"):
+        _handshake(server_ctx, client_ctx, hostname)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(server_ctx, client_ctx, "10.9.9.9")
+
+    for i in (1, 2):
+        private = serialization.load_ssh_private_key((pki / "devices" / f"pi-{i}").read_bytes(), password=None)
+        public = serialization.load_ssh_public_key((pki / "devices" / f"pi-{i}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert (pki / "devices" / f"pi-{i}").read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+
+    # re-run: the CA and the keys stay, missing device keys are added
+    before = {p: p.read_bytes() for p in pki.rglob("*") if p.is_file()}
+    subprocess.run([script, "-o", pki, "-n", "3", "127.0.0.1"], check=True, capture_output=True)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert (pki / "devices" / "pi-3.pub").exists()
+    # a certificate that does not cover a new address is an error that says what to do
+    run = subprocess.run([script, "-o", pki, "10.0.0.7"], capture_output=True, text=True)
+    assert run.returncode != 0 and "does not cover IP:10.0.0.7" in run.stderr and "delete" in run.stderr
+    assert (pki / "ca.crt").read_bytes() == before[pki / "ca.crt"]
+
+
+def test_make_pki_refuses_half_a_ca(tmp_path):
+    (tmp_path / "ca.crt").write_text("x")
+    run = subprocess.run([DEPLOY / "server" / "make-pki.sh", "-o", tmp_path], capture_output=True, text=True)
+    assert run.returncode != 0 and "half a CA" in run.stderr
+    assert (tmp_path / "ca.crt").read_text() == "x"
+
+
+# ---------------------------------------------------------------- the Pi's packages
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (DEPLOY / "pi" / "requirements-aarch64.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)(\s*;.*)?", line.strip()).group(1, 2)
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_pi_requirements_pin_what_the_clientapp_imports():
+    pins = _pins()
+    assert pins["torch"] == "2.9.1" and pins["flwr"] == flwr.__version__
+    assert {"numpy", "psutil", "pillow"} <= set(pins)
+    # Import the ClientApp in a fresh interpreter where only the pinned distributions (and the standard
+    # library and this project) can be imported, as on the Pi; optional imports (torch tries dill, for
+    # one) fail there as they would on the Pi.
+    code = """
+import importlib.abc, importlib.metadata as md, json, sys
+allowed = set(json.loads(sys.argv[1])) | {"fedmef"}
+owners = md.packages_distributions()
+class OnlyPinned(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        dists = {d.lower().replace("_", "-") for d in owners.get(name.split(".")[0], [])}
+        if dists and not dists & allowed:
+            raise ModuleNotFoundError(f"{name} is not pinned for the Pi", name=name)
+sys.meta_path.insert(0, OnlyPinned())
+import client.client_app
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(sorted(pins))], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, f"the ClientApp needs more than the Pi's pins:\n{run.stderr[-2000:]}"
+    # what only the simulation needs stays off the Pi
+    assert not {"datasets", "flwr_datasets", "ray", "pyarrow", "pandas"} & set(json.loads(run.stdout))
+
+
+# ---------------------------------------------------------------- partition files
+
+@pytest.fixture
+def tiny_dataset(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    train = Split(torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 4, (300,), generator=g))
+    test = Split(torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 4, (20,), generator=g))
+    dataset = Dataset("fashion-mnist", train, test, 4)
+    monkeypatch.setattr(prep, "load_dataset", lambda *a, **k: dataset)
+    return dataset
+
+
+def test_partition_files_hold_the_simulation_partitions(tmp_path, tiny_dataset, capsys):
+    cfg = prep.run_config(overrides="dirichlet-alpha=1.0 seed=3")
+    paths = prep.prepare(tmp_path / "parts", 3, cfg)
+    assert [p.name for p in paths] == ["pi-1.npz", "pi-2.npz", "pi-3.npz"]
+    assert not [p for p in (tmp_path / "parts").iterdir() if p not in paths]  # no temp files left
+    total = 0
+    for i, path in enumerate(paths):
+        node = load_client_data(parse_run_config({}), {"data-path": str(path)})
+        sim_train, sim_val = client_data(tiny_dataset, i, 3, scheme="dirichlet", alpha=1.0, seed=3,
+                                         val_fraction=cfg.val_fraction)
+        assert torch.equal(node.train.images, sim_train.images) and torch.equal(node.train.labels, sim_train.labels)
+        assert torch.equal(node.val.images, sim_val.images) and torch.equal(node.val.labels, sim_val.labels)
+        assert node.num_classes == 4 and node.in_channels == 1
+        with np.load(path) as f:
+            assert f["x_train"].dtype == np.float32 and f["y_train"].dtype == np.int64
+        total += len(node.train) + len(node.val)
+    assert total == 300
+    printed = capsys.readouterr().out
+    assert "alpha 1.0" in printed and "seed 3" in printed and "pi-3.npz" in printed
+
+
+def test_partition_cap_and_errors(tmp_path, tiny_dataset):
+    cfg = prep.run_config()
+    paths = prep.prepare(tmp_path, 2, cfg, prefix="dev", max_examples=50)
+    assert [p.name for p in paths] == ["dev-1.npz", "dev-2.npz"]
+    sizes = [len(load_client_data(cfg, {"data-path": str(p)}).train) for p in paths]
+    assert sizes == [45, 45]  # 50 minus the 10% validation share
+    with pytest.raises(SystemExit, match="unknown key 'dirichlet-alpa'.*did you mean 'dirichlet-alpha'"):
+        prep.main(["--partitions", "2", "--out", str(tmp_path), "--set", "dirichlet-alpa=0.1"])
+    with pytest.raises(SystemExit, match="cannot split 300 samples into 40 partitions"):
+        prep.main(["--partitions", "40", "--out", str(tmp_path)])
