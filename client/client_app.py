@@ -4,21 +4,27 @@ Message contents (see :mod:`common.wire`): ``train`` (ConfigRecord, :class:`Inst
 (values in mask order + dense tensors), ``masks`` (only when the node's mask is stale). The node keeps
 the last mask it received in ``context.state``, so unchanged masks never travel again. Replies carry
 ``model``, optional ``topk`` / ``flips`` records and a ``metrics`` MetricRecord with the examples, loss,
-train and CPU time, memory of this process and the activation bytes held for backward.
+train and CPU time, memory of this process and the activation bytes held for backward, and with the
+node's first reply a ``device`` ConfigRecord (architecture, cores, memory, Pi temperature/throttling).
+A node config ``memory-budget-mb`` makes the client shrink the batch until a step fits, or refuse.
 """
 
 from __future__ import annotations
 
 import resource
 import time
+from dataclasses import replace
+from logging import WARNING
 
 import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch import nn
 
 from client.data import ClientData, load_client_data
+from client.device import device_report, plan_batch_size
 from client.trainer import build_local_model, local_train
 from common.config import parse_run_config
 from common.masks import Masks, load_masks
@@ -39,6 +45,7 @@ def train(msg: Message, context: Context) -> Message:
     ins = Instructions.from_config(msg.content["train"])
     data = load_client_data(parse_run_config(context.run_config), context.node_config)
     model, layout, masks = _received_model(msg, context, ins, data)
+    ins = _fit_memory_budget(model, data, ins, context)
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
     result = local_train(model, masks, data.train, ins)
@@ -52,8 +59,11 @@ def train(msg: Message, context: Context) -> Message:
         content["flips"] = to_array_record(encode_positions(flips, layout, "flips"))
     if result.topk is not None:
         content["topk"] = to_array_record(encode_positions(result.topk, layout, "topk"))
+    if "device-reported" not in context.state:  # the device does not change between rounds
+        content["device"] = ConfigRecord(device_report())
+        context.state["device-reported"] = ConfigRecord({"at": time.time()})
     content["metrics"] = MetricRecord({
-        "num-examples": result.examples, "train-loss": result.loss, "steps": result.steps,
+        "num-examples": result.examples, "batch-size": ins.batch_size, "train-loss": result.loss, "steps": result.steps,
         "train-time-s": result.train_time_s, "cpu-time-s": cpu_time,
         "rss-mb": process.memory_info().rss / 2**20,
         # ru_maxrss is KiB on Linux: the peak of this process over its life (a simulation actor
@@ -75,6 +85,19 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({"num-examples": len(data.val), "eval-loss": loss, "eval-acc": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _fit_memory_budget(model: nn.Module, data: ClientData, ins: Instructions, context: Context) -> Instructions:
+    """With a ``memory-budget-mb`` in the node config, shrink the batch until a step fits, or refuse."""
+    if "memory-budget-mb" not in context.node_config:
+        return ins
+    budget = float(context.node_config["memory-budget-mb"])
+    plan = plan_batch_size(model, data.train.images[:1], ins.batch_size, budget)  # MemoryBudgetError: refuse
+    if not plan.adapted:
+        return ins
+    log(WARNING, "memory budget %.0f MB: batch size %d -> %d (%.0f MB in use + %.0f MB per step)", budget,
+        ins.batch_size, plan.batch_size, plan.baseline_mb, plan.needed_mb)
+    return replace(ins, batch_size=plan.batch_size)
 
 
 def _received_model(msg: Message, context: Context, ins: Instructions,

@@ -121,7 +121,7 @@ class SparseStrategy(FedAvg):
         self._ins = self.instructions(server_round)
         self.record["adjusted"] = self._ins.adjusting
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        return [self._message(node, self._ins, MessageType.TRAIN) for node in node_ids]
+        return [self.message_for(node, self._ins, MessageType.TRAIN) for node in node_ids]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -165,7 +165,7 @@ class SparseStrategy(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         ins = self.instructions(server_round)
-        return [self._message(node, ins, MessageType.EVALUATE)
+        return [self.message_for(node, ins, MessageType.EVALUATE)
                 for node in self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -223,7 +223,9 @@ class SparseStrategy(FedAvg):
             "peak_rss_mb": metrics.get("peak-rss-mb"), "rss_mb": metrics.get("rss-mb"),
             "activation_bytes": metrics.get("activation-bytes"), "steps": metrics.get("steps"),
             "bae_marked": metrics.get("bae-marked"), "bae_norm_start": metrics.get("bae-norm-start"),
-            "bae_norm_end": metrics.get("bae-norm-end")}
+            "bae_norm_end": metrics.get("bae-norm-end"), "batch_size": metrics.get("batch-size")}
+        if "device" in content:
+            client_metrics["device"] = dict(content["device"])
         return Contribution(node, examples, state, masks, topk, client_metrics)
 
     def reply_masks(self, content: RecordDict, ins: Instructions) -> Masks | None:
@@ -256,7 +258,8 @@ class SparseStrategy(FedAvg):
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
         return node_ids
 
-    def _message(self, node: int, ins: Instructions, message_type: str) -> Message:
+    def message_for(self, node: int, ins: Instructions, message_type: str) -> Message:
+        """The message for one node: its instructions, the model's values and, if stale, the mask."""
         sparse = self.mode != "dense"
         content = RecordDict({
             "train": ConfigRecord(ins.to_config()),

@@ -82,7 +82,7 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
     strategy._ins = ins
     strategy.record = {"round": 2, "rejected": [], "bytes_up_all": []}
     strategy._sent = {}
-    messages = [strategy._message(node, ins, "train") for node in grid.get_node_ids()]
+    messages = [strategy.message_for(node, ins, "train") for node in grid.get_node_ids()]
     for reply in grid.send_and_receive(messages):
         assert not reply.has_error(), reply.error
         metrics = reply.content["metrics"]
@@ -219,3 +219,20 @@ def test_missing_data_on_a_client_is_reported_with_how_to_get_it(fmnist, tmp_pat
     strategy.aggregate_train(1, replies)
     reasons = [r["reason"] for r in strategy.record["rejected"]]
     assert len(reasons) == NODES and all("CIFAR-10" in r and "cifar10.npz" in r for r in reasons)
+
+
+def test_first_reply_reports_the_device_and_a_memory_budget_adapts_or_refuses(fmnist):
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 100, "batch-size": 64})
+    nodes = list(grid.contexts)
+    grid.contexts[nodes[0]].node_config["memory-budget-mb"] = 10**6  # plenty
+    grid.contexts[nodes[1]].node_config["memory-budget-mb"] = 1.0  # nothing fits
+    play(strategy, grid, 1)
+    clients = {c["node_id"]: c for c in strategy.record["clients"]}
+    assert set(clients) == {nodes[0], nodes[2]}
+    assert clients[nodes[0]]["batch_size"] == 64
+    assert clients[nodes[0]]["device"]["cores"] >= 1 and clients[nodes[0]]["device"]["arch"]
+    [refused] = strategy.record["rejected"]
+    assert refused["node_id"] == nodes[1] and "memory-budget-mb" in refused["reason"]
+    replies = grid.send_and_receive(strategy.configure_train(2, None, None, grid))
+    assert all("device" not in r.content for r in replies if not r.has_error())  # reported once
+
