@@ -147,6 +147,8 @@ class SparseStrategy(FedAvg):
         self.record.update(bytes_down=_mean(down), bytes_up=_mean(up_all), dense_bytes_per_client=float(self.dense_bytes),
                            clients=[{"node_id": c.node_id, **c.metrics} for c in accepted])
         self.record["bytes_per_client"] = self.record["bytes_down"] + self.record["bytes_up"]
+        log(INFO, "round %d bytes per client (down/up): %s", server_round,
+            ", ".join(f"{c.node_id}: {c.metrics['bytes_down']}/{c.metrics['bytes_up']}" for c in accepted))
         if not accepted:
             log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
             return None, None
