@@ -48,6 +48,18 @@ class LayerFactory:
             return NSConv2d(c_in, c_out, kernel, bias=True, gamma=self.gamma if after_relu else 1.0, **kwargs)
         return SparseConv2d(c_in, c_out, kernel, bias=self.norm == "none", **kwargs)
 
+    @property
+    def residual_scale(self) -> float:
+        """What a residual branch is multiplied by before the addition.
+
+        BatchNorm re-centres and re-scales each branch. Without it every addition adds the branch's
+        variance to the skip path's, so activations and gradients grow stage by stage: a 90 %-sparse
+        NSConv ResNet18 reached logit std 1.6 at initialisation and diverged within 7 SGD steps at
+        lr 0.01. Scaling the branch by α = 0.2, as normaliser-free ResNets do (Brock et al., 2021),
+        keeps the growth to (1 + α²) per block.
+        """
+        return 1.0 if self.norm == "batchnorm" else 0.2
+
     def norm2d(self, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels) if self.norm == "batchnorm" else nn.Identity()
 

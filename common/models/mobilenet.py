@@ -28,9 +28,10 @@ class InvertedResidual(nn.Module):
                    f.conv(hidden, c_out, 1), f.norm2d(c_out)]
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and c_in == c_out
+        self.alpha = f.residual_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x) if self.residual else self.body(x)
+        return x + self.body(x) * self.alpha if self.residual else self.body(x)
 
 
 class MobileNetV2(nn.Module):

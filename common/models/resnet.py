@@ -22,10 +22,11 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = f.conv(width, c_out, 3), f.norm2d(c_out)
         self.shortcut = _shortcut(f, c_in, c_out, stride)
         self.relu_out = f.relu()
+        self.alpha = f.residual_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu_out(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return self.relu_out(self.bn2(self.conv2(out)) * self.alpha + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
@@ -39,11 +40,12 @@ class Bottleneck(nn.Module):
         self.conv3, self.bn3 = f.conv(width, c_out, 1), f.norm2d(c_out)
         self.shortcut = _shortcut(f, c_in, c_out, stride)
         self.relu_out = f.relu()
+        self.alpha = f.residual_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
-        return self.relu_out(self.bn3(self.conv3(out)) + self.shortcut(x))
+        return self.relu_out(self.bn3(self.conv3(out)) * self.alpha + self.shortcut(x))
 
 
 def _shortcut(f: LayerFactory, c_in: int, c_out: int, stride: int) -> nn.Module:
