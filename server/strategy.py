@@ -204,9 +204,9 @@ class SparseStrategy(FedAvg):
         examples = metrics.get("num-examples")
         if not isinstance(examples, int) or examples <= 0:
             raise WireError(f"num-examples must be a positive int, got {examples!r}")
-        for key in ("train-loss",):
-            if not isinstance(metrics.get(key), float) or not math.isfinite(metrics[key]):
-                raise WireError(f"{key} must be a finite float, got {metrics.get(key)!r}")
+        loss = metrics.get("train-loss")
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            raise WireError(f"train-loss must be a finite float, got {loss!r}")
         arrays = from_array_record(content["model"])
         masks = self.reply_masks(content, ins)
         state = unpack_values(arrays, self.layout, None if self.mode != "masked" else (masks or self.masks))

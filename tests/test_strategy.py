@@ -11,6 +11,7 @@ from flwr.app import Message, MetricRecord
 from common.config import parse_run_config
 from common.datasets import Split, load_dataset
 from common.models import build_model
+from common.schedules import feddip_sparsity
 from common.wire import decode_positions, from_array_record, to_array_record
 from loopback import LoopbackGrid
 from server.server_app import GlobalEvaluator
@@ -194,7 +195,6 @@ def test_every_method_runs_and_keeps_its_sparsity(fmnist, method):
         assert final["sparsity"] == 0.0
         assert final["bytes_per_client"] > 0.9 * final["dense_bytes_per_client"]
     elif method == "feddip":  # reconfigured at round 2 on the cubic schedule
-        from common.schedules import feddip_sparsity
         assert abs(final["sparsity"] - feddip_sparsity(2, 3, 0.5, 0.9)) < 1e-3
     else:
         assert active_counts(strategy.masks) == counts
