@@ -112,16 +112,23 @@ class RunConfig:
 
 
 _FIELDS = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _coerce(key: str, value: Any, kind: str) -> Any:
-    """Accept what TOML and ``--run-config`` produce; ints are fine where floats are expected."""
-    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+_CHECKS = {"str": lambda v: isinstance(v, str), "int": _is_int, "float": lambda v: isinstance(v, float),
+           "bool": lambda v: isinstance(v, bool),
+           "list[int]": lambda v: isinstance(v, list) and all(_is_int(x) for x in v)}
+
+
+def typed_value(key: str, value: Any, kind: str) -> Any:
+    """``value`` checked against a dataclass field's type name (str, int, float, bool, list[int]);
+    ints are accepted where floats are expected, as TOML and ``--run-config`` write them. A mismatch
+    raises TypeError naming the key."""
+    if kind == "float" and _is_int(value):
         return float(value)
-    expected = _TYPES[kind]
-    if kind in ("int", "float") and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{key} must be a {kind}, got {value!r} ({type(value).__name__})")
+    if not _CHECKS[kind](value):
+        raise TypeError(f"{key} must be a {kind}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -184,8 +191,8 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
             errors.append(f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
             continue
         try:
-            kwargs[f.name] = _coerce(key, value, f.type if isinstance(f.type, str) else f.type.__name__)
-        except ConfigError as exc:
+            kwargs[f.name] = typed_value(key, value, f.type)
+        except TypeError as exc:
             errors.append(str(exc))
     if not errors:
         errors = _range_errors(RunConfig(**kwargs))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from common.config import typed_value
+
 MODES = ("masked", "dense", "error-feedback")
 
 
@@ -69,16 +71,10 @@ class Instructions:
             key = f.name.replace("_", "-")
             if key not in config:
                 raise ProtocolError(f"the server's instructions lack {key!r}; server and client versions differ?")
-            value = config[key]
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": isinstance(value, float),
-                  "bool": isinstance(value, bool), "str": isinstance(value, str),
-                  "list[int]": isinstance(value, list) and all(isinstance(v, int) for v in value)}[kind]
-            if not ok:
-                raise ProtocolError(f"instruction {key!r} must be {kind}, got {value!r}")
-            kwargs[f.name] = value
+            try:
+                kwargs[f.name] = typed_value(key, config[key], f.type)
+            except TypeError as exc:
+                raise ProtocolError(f"instruction {exc}") from exc
         ins = cls(**kwargs)
         if ins.mode not in MODES:
             raise ProtocolError(f"unknown training mode {ins.mode!r}; expected one of {MODES}")
