@@ -116,7 +116,7 @@ class SparseStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.record = {"round": server_round, "started": time.time(), "rejected": [], "clients": [], "bytes_up_all": []}
+        self.record = {"round": server_round, "started": time.time(), "rejected": [], "clients": []}
         self._sent = {}
         self._ins = self.instructions(server_round)
         self.record["adjusted"] = self._ins.adjusting
@@ -128,13 +128,14 @@ class SparseStrategy(FedAvg):
         replies = list(replies)
         ins = self._ins
         accepted: list[Contribution] = []
+        received: list[int] = []  # bytes of every reply with content, accepted or not
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self._reject(node, f"client error: {reply.error.reason}")
                 continue
             up = content_bytes(reply.content)
-            self.record["bytes_up_all"].append(up)
+            received.append(up)
             try:
                 contribution = self.read_reply(node, reply.content, ins)
             except (WireError, KeyError, TypeError, ValueError) as exc:
@@ -143,8 +144,8 @@ class SparseStrategy(FedAvg):
             contribution.metrics.update(bytes_down=self._sent[node][1], bytes_up=up)
             accepted.append(contribution)
             self.node_versions[node] = self._sent[node][0]
-        down, up_all = [sent for _, sent in self._sent.values()], self.record.pop("bytes_up_all")
-        self.record.update(bytes_down=_mean(down), bytes_up=_mean(up_all), dense_bytes_per_client=float(self.dense_bytes),
+        down = [sent for _, sent in self._sent.values()]
+        self.record.update(bytes_down=_mean(down), bytes_up=_mean(received), dense_bytes_per_client=float(self.dense_bytes),
                            clients=[{"node_id": c.node_id, **c.metrics} for c in accepted])
         self.record["bytes_per_client"] = self.record["bytes_down"] + self.record["bytes_up"]
         log(INFO, "round %d bytes per client (down/up): %s", server_round,

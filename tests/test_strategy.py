@@ -81,7 +81,7 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
     ins = strategy.instructions(2)
     assert ins.bae and ins.topk and sum(ins.counts) > 0
     strategy._ins = ins
-    strategy.record = {"round": 2, "rejected": [], "bytes_up_all": []}
+    strategy.record = {"round": 2, "rejected": []}
     strategy._sent = {}
     messages = [strategy.message_for(node, ins, "train") for node in grid.get_node_ids()]
     for reply in grid.send_and_receive(messages):
