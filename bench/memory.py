@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import bitkernels
 from common.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
 from common.masks import load_masks, random_masks, weight_shapes
 from common.models import build_model
@@ -123,7 +124,7 @@ def main() -> None:
         return
 
     results = {"batch": args.batch, "input": [3, 32, 32], "steps": args.steps, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "models": {}}
+               "threads": torch.get_num_threads(), "sap_kernels": bitkernels.status(), "models": {}}
     for model_name in args.models:
         configs = {}
         for label, norm, act_sparsity in CONFIGS:
@@ -143,7 +144,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(results, indent=2))
     text = table(results)
-    (args.out / "memory.md").write_text(f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps, torch {torch.__version__})\n\n{text}\n")
+    (args.out / "memory.md").write_text(f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps, torch {torch.__version__})\n\n"
+                                        f"SAP kernels: {results['sap_kernels']}\n\n{text}\n")
     print(text)
 
 

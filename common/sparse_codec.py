@@ -1,8 +1,10 @@
 """Sparse tensor codec: the compression schemes of FedMef (Huang et al., CVPR 2024), Appendix 7.1.
 
 One codec serves two purposes: compact activation caches inside autograd functions (a hot
-path, so every step is a vectorised torch op that also runs on an accelerator) and the wire
-format between the Flower server and its clients (``to_bytes`` / ``from_bytes``).
+path: every step is a vectorised torch op that also runs on an accelerator, and the bitmap
+encode / decode of contiguous float32 CPU tensors use the fused C loops of
+:mod:`common.bitkernels`) and the wire format between the Flower server and its clients
+(``to_bytes`` / ``from_bytes``).
 
 Geometry. A tensor with ``n`` elements is viewed as a 2-D matrix of ``n_r x n_c`` before
 compression, as in the paper: ``n_r = shape[0]`` and ``n_c = prod(shape[1:])`` (equal to the
@@ -49,6 +51,8 @@ from enum import Enum
 
 import torch
 
+from common import bitkernels
+
 __all__ = [
     "CodecError",
     "EncodedTensor",
@@ -56,6 +60,7 @@ __all__ = [
     "choose_format",
     "decode",
     "encode",
+    "encode_above",
     "encode_masked",
     "from_bytes",
     "header_nbytes",
@@ -100,7 +105,7 @@ _MAX_DIM = (1 << 63) - 1  # torch sizes are int64
 _MAX_UINT_WIDTH = 63  # int64 holds every value of a 63-bit field
 # Bounds the (chunk x width) int64 scratch of pack_uints / unpack_uints to 16 MiB.
 _CHUNK_BITS = 1 << 21
-_POLICIES = ("paper", "smallest")
+_POLICIES = ("paper", "smallest", "single-pass")
 
 
 def index_bits(v: int) -> int:
@@ -205,14 +210,17 @@ def choose_format(
     earlier of dense, bitmap, coo, csr, csc). It exists because the thresholds are not always
     the cheapest: at density 0.1 on a 4M-element activation COO spends 0.1 * 22 = 2.2 position
     bits per element while a bitmap spends 1, and activation memory is what FedMef minimises.
+    ``policy="single-pass"`` picks the smaller of dense and bitmap, the two formats that encode
+    and decode in one linear pass: the choice for activation caches, which are rebuilt every step.
     """
     if policy not in _POLICIES:
-        raise CodecError(f"unknown policy {policy!r}; use 'paper' or 'smallest'")
+        raise CodecError(f"unknown policy {policy!r}; use one of {', '.join(_POLICIES)}")
     shape = _check_shape(shape)
     n = math.prod(shape)
     bits = {f: storage_bits(f, shape, nnz, value_bits) for f in SparseFormat}
-    if policy == "smallest":
-        return min(SparseFormat, key=lambda f: bits[f])
+    if policy != "paper":
+        candidates = SparseFormat if policy == "smallest" else (SparseFormat.DENSE, SparseFormat.BITMAP)
+        return min(candidates, key=lambda f: bits[f])
     if n == 0 or 10 * nnz >= 9 * n:
         return SparseFormat.DENSE
     if 10 * nnz >= 3 * n:
@@ -226,8 +234,11 @@ def choose_format(
 
 
 @functools.lru_cache(maxsize=None)
-def _bit_shifts(device: torch.device) -> torch.Tensor:
-    return torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    """Byte value -> its eight bits MSB-first as eight 0/1 bytes, read as one int64 per entry."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (torch.arange(256, dtype=torch.uint8)[:, None] >> shifts) & 1
+    return bits.contiguous().view(torch.int64).reshape(256).to(device)
 
 
 _GATHER_BITS = 0x8040201008040201 - (1 << 64)  # the same 64 bits as a signed int64
@@ -263,8 +274,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=packed.device)
     used = packed[: -(-n // 8)]
-    bits = (used[:, None] >> _bit_shifts(packed.device)) & 1
-    return bits.view(torch.bool).reshape(-1)[:n]
+    # One 8-byte table lookup per packed byte: a fifth of the time of shifting out all eight bits.
+    words = _unpack_table(packed.device).index_select(0, used.to(torch.int32))
+    return words.view(torch.bool)[:n]
 
 
 def _check_width(width: int) -> None:
@@ -446,6 +458,26 @@ def encode_masked(
     return EncodedTensor(fmt, shape, x.dtype, nnz, values, positions)
 
 
+def encode_above(x: torch.Tensor, threshold: float) -> EncodedTensor:
+    """Keep the entries with ``|x| > threshold``, as a bitmap or dense, whichever is smaller.
+
+    ``encode_masked(x, x.abs() > threshold, policy="single-pass")`` in effect, which SAP caches
+    every activation with; contiguous float32 CPU tensors take the fused native kernels of
+    :mod:`common.bitkernels` (same bytes, a fraction of the passes).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"encode needs a torch.Tensor, got {type(x).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise CodecError(f"threshold must be a number, got {threshold!r}")
+    x = x.detach()
+    if bitkernels.usable(x):
+        bitmap, counts, nnz = bitkernels.select_above(x, threshold)
+        if choose_format(tuple(x.shape), nnz, 32, "single-pass") is SparseFormat.BITMAP:
+            return EncodedTensor(SparseFormat.BITMAP, tuple(x.shape), x.dtype, nnz,
+                                 bitkernels.gather(x, bitmap, counts, nnz), bitmap)
+    return encode_masked(x, x.abs() > threshold, policy="single-pass")
+
+
 def encode(
     x: torch.Tensor, fmt: SparseFormat | str | None = None, policy: str = "paper"
 ) -> EncodedTensor:
@@ -521,6 +553,11 @@ def decode(enc: EncodedTensor) -> torch.Tensor:
         return values.clone(memory_format=torch.contiguous_format).reshape(shape)
 
     try:
+        if fmt is SparseFormat.BITMAP and bitkernels.usable(values):
+            try:
+                return bitkernels.scatter(values, positions, n).reshape(shape)
+            except ValueError as err:
+                raise CodecError(str(err)) from None
         out = torch.zeros(n, dtype=enc.dtype, device=device)
     except RuntimeError as err:
         # Sparse formats carry n only in metadata, so a hostile shape must not crash the peer;

@@ -1,0 +1,193 @@
+"""The native SAP kernels give bit-identical results to the torch code they replace, and fall back."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import bitkernels, sap
+from common.layers import set_activation_sparsity
+from common.models import build_model
+from common.sap import bitmask_relu, compress_activation
+from common.sparse_codec import CodecError, EncodedTensor, SparseFormat, decode, encode_above, pack_bits, unpack_bits
+
+native = pytest.mark.skipif(bitkernels.library() is None, reason=f"no native kernels: {bitkernels.status()}")
+
+# Around the byte and the 32768-element block boundaries of the kernels.
+SIZES = [1, 7, 8, 9, 1000, 32767, 32768, 32769, 3 * 32768 + 5]
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the callers' torch implementation, as on a machine without a C compiler."""
+    monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+
+
+def _awkward(n: int, seed: int) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 6.0, 1e-30])
+    x[: min(n, specials.numel())] = specials[: min(n, specials.numel())]
+    return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns, so NaN == NaN and -0.0 != 0.0."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@native
+@pytest.mark.parametrize("n", SIZES)
+def test_select_and_gather_match_torch(n):
+    x = _awkward(n, n)
+    keep = x.abs() > 1.0
+    bitmap, counts, kept = bitkernels.select_above(x, 1.0)
+    assert kept == int(keep.sum()) == int(counts.sum())
+    assert torch.equal(bitmap, pack_bits(keep))
+    assert _same(bitkernels.gather(x, bitmap, counts, kept), x[keep])
+
+
+@native
+@pytest.mark.parametrize("n", SIZES)
+def test_scatter_matches_torch(n):
+    x = _awkward(n, n + 1)
+    keep = x.abs() > 0.5
+    dense = bitkernels.scatter(x[keep], pack_bits(keep), n)
+    assert _same(dense, torch.where(keep, x, torch.zeros(())))
+
+
+@native
+def test_scatter_rejects_a_bitmap_that_disagrees_with_the_values():
+    keep = torch.rand(100) > 0.5
+    with pytest.raises(ValueError, match="bitmap marks"):
+        bitkernels.scatter(torch.ones(int(keep.sum()) + 1), pack_bits(keep), 100)
+    with pytest.raises(ValueError, match="13 contiguous uint8 bytes"):
+        bitkernels.scatter(torch.ones(3), torch.zeros(12, dtype=torch.uint8), 100)
+
+
+@native
+@pytest.mark.parametrize("upper", [None, 6.0])
+@pytest.mark.parametrize("n", SIZES)
+def test_relu_pack_and_mask_grad_match_torch(n, upper):
+    x = _awkward(n, 2 * n) * 4
+    out, bitmap = bitkernels.relu_pack(x, upper)
+    passes = (x > 0) if upper is None else (x > 0) & (x < upper)
+    assert _same(out, x.clamp(min=0) if upper is None else x.clamp(0, upper))
+    assert torch.equal(bitmap, pack_bits(passes))
+    grad = _awkward(n, 3 * n)
+    assert _same(bitkernels.mask_grad(grad, bitmap), torch.where(unpack_bits(bitmap, n), grad, torch.zeros(())))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("shape", [(5,), (3, 7, 11, 13), (64, 600)])
+def test_encode_above_is_the_same_with_and_without_kernels(shape, threshold, monkeypatch):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    fast = encode_above(x, threshold)
+    monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+    slow = encode_above(x, threshold)
+    assert (fast.fmt, fast.shape, fast.nnz) == (slow.fmt, slow.shape, slow.nnz)
+    assert torch.equal(fast.positions, slow.positions) and _same(fast.values, slow.values)
+    keep = x.abs() > threshold
+    assert fast.nnz == int(keep.sum())
+    assert fast.fmt is (SparseFormat.DENSE if threshold == 0.0 else SparseFormat.BITMAP)
+    assert torch.equal(decode(fast), torch.where(keep, x, torch.zeros(())))
+    monkeypatch.undo()
+    assert torch.equal(decode(slow), decode(fast))
+
+
+def test_encode_above_rejects_a_bad_threshold():
+    for bad in (math.nan, "1", True):
+        with pytest.raises(CodecError, match="threshold"):
+            encode_above(torch.ones(3), bad)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["native", "torch"])
+def test_bitmap_decode_errors_are_codec_errors_on_both_paths(fast, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+    keep = torch.arange(20) % 3 == 0
+    bitmap = pack_bits(keep)
+    good = EncodedTensor(SparseFormat.BITMAP, (20,), torch.float32, int(keep.sum()), torch.ones(int(keep.sum())), bitmap)
+    assert torch.equal(decode(good), keep.float())
+    lying = EncodedTensor(SparseFormat.BITMAP, (20,), torch.float32, 2, torch.ones(2), bitmap)
+    with pytest.raises(CodecError, match="bitmap marks 7 entries but nnz=2"):
+        decode(lying)
+
+
+def _gradients(model, x, y):
+    model.zero_grad(set_to_none=True)
+    sap._sampler.manual_seed(11)  # the sampled thresholds must draw the same elements in both runs
+    F.cross_entropy(model(x), y).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@native
+def test_sap_training_step_is_bit_identical_without_kernels(monkeypatch):
+    """MobileNetV2 with NSConv, SAP at 0.9 (sampled thresholds: inputs above 2^14 elements) and
+    bit-masked ReLU6: every parameter gradient is the same on the native and the torch path."""
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2", norm="nsconv", act_sparsity=0.9)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    fast = _gradients(model, x, y)
+    monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+    slow = _gradients(model, x, y)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name
+    set_activation_sparsity(model, None)
+    assert any(not torch.equal(_gradients(model, x, y)[n], fast[n]) for n in fast)  # SAP did prune
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_bitmask_relu_gradient_equals_autograd_on_both_paths(upper, monkeypatch):
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+        x = (torch.randn(2, 3, 17, 19) * 4).requires_grad_()
+        g = torch.randn(2, 3, 17, 19)
+        (bitmask_relu(x, upper) * g).sum().backward()
+        ref = x.detach().clone().requires_grad_()
+        ((F.relu(ref) if upper is None else F.relu6(ref)) * g).sum().backward()
+        assert torch.equal(x.grad, ref.grad)
+
+
+def test_compress_activation_uses_the_kernels_when_loaded(monkeypatch):
+    x = torch.randn(64, 32, 8, 8)
+    calls, real = [], bitkernels.select_above
+
+    def spy(*args):
+        calls.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(bitkernels, "select_above", spy)
+    enc = compress_activation(x, 0.9)
+    assert enc.fmt is SparseFormat.BITMAP
+    assert len(calls) == (1 if bitkernels.library() is not None else 0)
+
+
+def _status_in_subprocess(env: dict) -> str:
+    code = "from common import bitkernels; print(bitkernels.library() is None, bitkernels.status())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_disabled_or_missing_compiler_falls_back_to_torch(tmp_path):
+    env = {**os.environ, "FEDMEF_CACHE": str(tmp_path)}
+    assert _status_in_subprocess({**env, "FEDMEF_NATIVE": "0"}) == "True torch (disabled by FEDMEF_NATIVE)"
+    missing = _status_in_subprocess({**env, "CC": str(tmp_path / "no-such-cc")})
+    assert missing.startswith("True torch (no native kernels:"), missing
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_kernels_build_into_the_cache_dir(tmp_path):
+    if bitkernels.library() is None:
+        pytest.skip(bitkernels.status())
+    out = _status_in_subprocess({**os.environ, "FEDMEF_CACHE": str(tmp_path)})
+    assert out.startswith("False native (") and str(tmp_path) in out
+    assert len(list(tmp_path.glob("bitkernels-*.so"))) == 1
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # the build directory was removed
