@@ -7,7 +7,9 @@ configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9; each dense and at pa
 - ``activation_bytes``: every storage autograd holds between forward and backward, counted
   exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
 - parameter, gradient and optimizer (momentum) bytes as allocated;
-- the child's peak RSS (``ru_maxrss``) and its median step time;
+- the child's peak RSS (``ru_maxrss``) and its median step time, with the project's runtime setting
+  (:data:`common.runtime.TRAINING_ENV`, huge-page tensor allocation) and, from a second child, with
+  glibc's default allocation, whose page faults cost SAP more than plain autograd;
 - the appendix 7.2 memory estimate and appendix 7.3 FLOPs for the same model.
 
 Writes ``bench/results/memory.json`` and ``memory.md`` and prints the table.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import bitkernels
+from common import bitkernels, runtime
 from common.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
 from common.masks import load_masks, random_masks, weight_shapes
 from common.models import build_model
@@ -37,7 +40,7 @@ MODELS = ("resnet18", "mobilenetv2")
 # (label, norm, act_sparsity)
 CONFIGS = (("batchnorm", "batchnorm", None), ("nsconv", "nsconv", None), ("nsconv+sap", "nsconv", 0.9))
 PARAM_SPARSITIES = (0.0, 0.9)
-BATCH, STEPS, WARMUP = 64, 5, 1
+BATCH, STEPS, WARMUP = 64, 8, 1
 
 
 def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsity: float,
@@ -71,6 +74,7 @@ def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsi
         "parameter_bytes": sum(p.nbytes for p in params),
         "gradient_bytes": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer_bytes": sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
+        "allocator": runtime.allocator(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_seconds_median": statistics.median(times),
         "step_seconds": times,
@@ -81,9 +85,12 @@ def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsi
     }
 
 
-def run_child(model_name: str, label: str, norm: str, act_sparsity, param_sparsity: float, batch: int, steps: int) -> dict:
+def run_child(model_name: str, label: str, norm: str, act_sparsity, param_sparsity: float, batch: int, steps: int,
+              allocator: str) -> dict:
     cmd = [sys.executable, "-m", "bench.memory", "--child", json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps])]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = runtime.training_env() if allocator == "thp" else {
+        k: v for k, v in os.environ.items() if k not in runtime.TRAINING_ENV}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{model_name}/{label} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,20 +101,23 @@ def mib(n: float) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| model | config | s_tm | held for backward (MiB) | params | grads | optim | peak RSS | estimate (app. 7.2) | step s (median) | train GFLOP/step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | config | s_tm | held for backward (MiB) | params | grads | optim | peak RSS | estimate (app. 7.2) "
+            "| step s (median) | step s, glibc | peak RSS, glibc | train GFLOP/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model_name, entry in results["models"].items():
         for key, r in entry["configs"].items():
             rows.append(f"| {model_name} | {r['config']} | {r['param_sparsity']} | {mib(r['activation_bytes'])} | "
                         f"{mib(r['parameter_bytes'])} | {mib(r['gradient_bytes'])} | {mib(r['optimizer_bytes'])} | "
                         f"{mib(r['peak_rss_bytes'])} | {mib(r['estimate_bytes'])} | {r['step_seconds_median']:.2f} | "
+                        f"{r['glibc']['step_seconds_median']:.2f} | {mib(r['glibc']['peak_rss_bytes'])} | "
                         f"{r['train_flops_per_step'] / 1e9:.1f} |")
     rows.append("")
-    rows.append("| model | s_tm | activation bytes nsconv / nsconv+SAP | step time nsconv+SAP / nsconv |")
-    rows.append("|---|---|---|---|")
+    rows.append("| model | s_tm | activation bytes nsconv / nsconv+SAP | step time nsconv+SAP / nsconv | same, glibc allocation |")
+    rows.append("|---|---|---|---|---|")
     for model_name, entry in results["models"].items():
         for s, ratio in entry["ratios"].items():
-            rows.append(f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x |")
+            rows.append(f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x "
+                        f"| {ratio['sap_step_time_ratio_glibc']:.2f}x |")
     return "\n".join(rows)
 
 
@@ -124,19 +134,23 @@ def main() -> None:
         return
 
     results = {"batch": args.batch, "input": [3, 32, 32], "steps": args.steps, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "sap_kernels": bitkernels.status(), "models": {}}
+               "threads": torch.get_num_threads(), "sap_kernels": bitkernels.status(),
+               "allocation": {"main": f"huge pages, {runtime.TRAINING_ENV}", "glibc": "glibc malloc defaults"}, "models": {}}
     for model_name in args.models:
         configs = {}
         for label, norm, act_sparsity in CONFIGS:
             for s in PARAM_SPARSITIES:
                 print(f"[bench.memory] {model_name} {label} s_tm={s} ...", file=sys.stderr, flush=True)
-                r = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps)
-                configs[f"{label}@{s}"] = {"config": label, "norm": norm, "act_sparsity": act_sparsity, "param_sparsity": s, **r}
+                r = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "thp")
+                glibc = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "glibc")
+                configs[f"{label}@{s}"] = {"config": label, "norm": norm, "act_sparsity": act_sparsity, "param_sparsity": s, **r,
+                                           "glibc": {k: glibc[k] for k in ("allocator", "step_seconds_median", "step_seconds", "peak_rss_bytes")}}
         ratios = {}
         for s in PARAM_SPARSITIES:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]
             ratios[str(s)] = {"activation_reduction": plain["activation_bytes"] / sap["activation_bytes"],
-                              "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"]}
+                              "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"],
+                              "sap_step_time_ratio_glibc": sap["glibc"]["step_seconds_median"] / plain["glibc"]["step_seconds_median"]}
         results["models"][model_name] = {
             "configs": configs, "ratios": ratios,
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import psutil
 
+from common import runtime
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,11 +43,12 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Offline Flower: no telemetry, no update check, no run-time `uv sync`, a private FLWR_HOME.
+    """Offline Flower: no telemetry, no update check, no run-time `uv sync`, a private FLWR_HOME;
+    plus :data:`common.runtime.TRAINING_ENV` for the processes that train.
 
     The local SuperLink gets free ports: on its fixed default (39091) a second ``flwr run`` would
     silently submit to another run's SuperLink."""
-    env = dict(os.environ)
+    env = runtime.training_env()
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(flwr_home),
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))

@@ -19,6 +19,7 @@ import psutil
 import torch
 from torch import nn
 
+from common import bitkernels, runtime
 from common.accounting import SavedTensorMeter
 
 _PI_MODEL = Path("/proc/device-tree/model")
@@ -41,12 +42,14 @@ def _read(path: Path) -> str | None:
 
 
 def device_report() -> dict[str, str | int | float]:
-    """Architecture, cores, memory, and a Raspberry Pi's model, temperature and throttling flags."""
+    """Architecture, cores, memory, whether the native SAP kernels and huge-page allocation are in
+    use, and a Raspberry Pi's model, temperature and throttling flags."""
     memory = psutil.virtual_memory()
     report: dict[str, str | int | float] = {
         "arch": platform.machine(), "cores": os.cpu_count() or 1, "python": platform.python_version(),
         "torch": torch.__version__, "memory-total-mb": memory.total / 2**20,
         "memory-available-mb": memory.available / 2**20,
+        "sap-kernels": bitkernels.status().split(" ", 1)[0], "allocator": runtime.allocator(),
     }
     if (model := _read(_PI_MODEL)) is not None:
         report["model"] = model

@@ -30,6 +30,7 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 
 import deploy.prepare_partitions as prep
 from client.data import load_client_data
+from common import runtime
 from common.config import parse_run_config
 from common.datasets import Dataset, Split
 from common.partition import client_data
@@ -119,6 +120,7 @@ def test_compose_commands_are_valid_for_the_pinned_flower(files):
         else:
             address = args.runtime_api_address
             assert address == "superlink:8000" or address.startswith("supernode-")
+            assert runtime.TRAINING_ENV.items() <= service["environment"].items(), name
             if address == "superlink:8000" and tls:
                 assert args.root_certificates and not args.insecure
 
@@ -139,6 +141,7 @@ def test_dockerfile_pins_flower_and_cpu_torch():
     assert re.search(r"--extra-index-url https://download.pytorch.org/whl/cpu torch==" + re.escape(
         torch.__version__.split("+")[0]), text)
     assert 'ENTRYPOINT ["flower-superexec"]' in text
+    assert "gcc" in text and "bitkernels.library()" in text  # the SAP kernels are built into the image
     # what the image copies is what the build context lets through
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for copied in re.findall(r"^COPY --chown=app:app (.+?) \S+$", text, re.M):
@@ -164,6 +167,8 @@ def test_supernode_unit_runs_a_valid_supernode_command():
     assert {"FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
             "FLWR_HOME"} <= set(env)
     assert env["PATH"].startswith("/opt/fedmef/venv/bin:")  # flower-superexec is started by name
+    assert runtime.TRAINING_ENV.items() <= env.items()  # inherited by the ClientApp processes
+    assert env["FEDMEF_CACHE"].startswith("/var/lib/flower-supernode/")  # StateDirectory: writable by flower
     assert unit["Restart"] == ["on-failure"]
     # systemd unquotes the words first, then substitutes ${VAR} inside them
     words = shlex.split(unit["ExecStart"][0])
