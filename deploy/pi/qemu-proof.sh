@@ -7,7 +7,9 @@
 #   2. run one FedMef round of this project's ClientApp: the server's strategy builds round 2's train
 #      message (LeNet-5, NSConv + SAP s_ta 0.9, masked, BaE with per-layer counts, top-K requested,
 #      5 steps of batch 32), it is serialised as on the wire, and the ClientApp's train handler trains
-#      on a Fashion-MNIST partition file made by deploy.prepare_partitions;
+#      on a Fashion-MNIST partition file made by deploy.prepare_partitions, with SAP's C kernels
+#      compiled by the chroot's gcc; then the same round on SAP's torch code must give a
+#      bit-identical reply;
 #   3. (control) show that the registry's torch 2.10.0 dies with SIGILL on the same CPU model and
 #      imports fine on QEMU's `max` CPU, so the emulator does reproduce the Pi 4 failure.
 # Any failure (a SIGILL included) makes the script exit non-zero.
@@ -116,7 +118,7 @@ else
         echo "removing an incomplete $root"
         rm -rf "$root"
     fi
-    QEMU_CPU=$cpu debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
+    QEMU_CPU=$cpu debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates,gcc,libc6-dev \
         "$suite" "$root" "$mirror"
     echo "$suite" >"$root/.fedmef-rootfs"
 fi
@@ -173,6 +175,11 @@ in_chroot "$venv/bin/python" "${pip_put[@]}" -r "$requirements"
 in_chroot "$venv/bin/python" -m pip check
 in_chroot "$venv/bin/python" -m pip list --format=freeze | grep -iE '^(torch|flwr|numpy)=='
 
+step "gcc for SAP's kernels (as install.sh)"
+# A root filesystem made before the kernels existed lacks it.
+in_chroot sh -c 'command -v cc >/dev/null || { apt-get update -q && apt-get install -y -q gcc libc6-dev; }'
+in_chroot cc --version | sed -n 1p
+
 step "one FedMef round of the ClientApp under QEMU_CPU=$cpu"
 # Python's exit status is the step's status; -X faulthandler names the Python line if it dies of a signal.
 in_chroot sh -c "cd /opt/fedmef-src && PYTHONPATH=/opt/fedmef-src exec $venv/bin/python -X faulthandler - \
@@ -188,6 +195,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train
+from common import bitkernels, sap
 from common.config import parse_run_config
 from common.models import build_model
 from server.strategy import make_strategy
@@ -226,17 +234,41 @@ proto.ParseFromString(wire)
 msg = Message(content=recorddict_from_proto(proto), metadata=Metadata(
     run_id=1, message_id="qemu-proof", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="2",
     created_at=time.time(), ttl=3600, message_type="train"))
-context = Context(run_id=1, node_id=1, node_config={"data-path": sys.argv[2]}, state=RecordDict(), run_config=values)
-began = time.perf_counter()
-reply = train(msg, context)
-took = time.perf_counter() - began
+
+
+def client_round():
+    """The handler on a fresh node state, with the same random draws (SAP's threshold samples)."""
+    torch.manual_seed(0)
+    sap._sampler.manual_seed(0x5A9)
+    context = Context(run_id=1, node_id=1, node_config={"data-path": sys.argv[2]}, state=RecordDict(),
+                      run_config=values)
+    began = time.perf_counter()
+    return train(msg, context), time.perf_counter() - began
+
+
+def arrays(reply):
+    return {(name, key): array.numpy().tobytes() for name, record in reply.content.array_records.items()
+            for key, array in record.items()}
+
+
+print(f"SAP kernels: {bitkernels.status()}")
+if bitkernels.library() is None:
+    sys.exit("the SAP kernels did not build")
+reply, took = client_round()
 m = reply.content["metrics"]
 print(f"client: {int(m['steps'])} steps on {int(m['num-examples'])} examples, loss {m['train-loss']:.4f}, "
       f"BaE marked {int(m['bae-marked'])}, top-K in reply {'topk' in reply.content}, "
       f"train {m['train-time-s']:.1f} s, handler {took:.1f} s, peak RSS {m['peak-rss-mb']:.0f} MiB")
 if not (m["steps"] == ins.max_local_steps and math.isfinite(m["train-loss"]) and "topk" in reply.content):
     sys.exit("the client round did not complete as instructed")
-print("OK: the pinned wheels run the ClientApp on an emulated Cortex-A72")
+bitkernels.usable = lambda *tensors: False  # the same round on SAP's torch code
+fallback, took_torch = client_round()
+same = arrays(reply) == arrays(fallback) and fallback.content["metrics"]["train-loss"] == m["train-loss"]
+print(f"the same round on the torch fallback: handler {took_torch:.1f} s, reply arrays and loss "
+      f"{'bit-identical' if same else 'DIFFERENT'}")
+if not same:
+    sys.exit("the native SAP kernels and the torch code disagree on aarch64")
+print("OK: the pinned wheels run the ClientApp on an emulated Cortex-A72, SAP's kernels included")
 PY
 
 if [[ -n $control_torch ]]; then
