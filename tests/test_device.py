@@ -12,6 +12,7 @@ def test_device_report_has_the_basics():
     report = device_report()
     assert report["arch"] and report["cores"] >= 1
     assert 0 < report["memory-available-mb"] <= report["memory-total-mb"]
+    assert report["sap-kernels"] in ("native", "torch") and report["allocator"] in ("thp", "glibc")
 
 
 def test_training_bytes_grow_with_the_batch_and_shrink_with_sap():
