@@ -274,8 +274,9 @@ def scatter(values: torch.Tensor, bitmap: torch.Tensor, n: int) -> torch.Tensor:
 
     Raises ValueError when the bitmap is too short or marks a different number of entries than
     there are values (the caller turns it into its own error type)."""
-    if bitmap.dtype != torch.uint8 or not bitmap.is_contiguous() or bitmap.numel() < _nbytes(n):
-        raise ValueError(f"bitmap must be {_nbytes(n)} contiguous uint8 bytes for {n} entries")
+    if bitmap.dtype != torch.uint8 or bitmap.device.type != "cpu" or bitmap.numel() < _nbytes(n):
+        raise ValueError(f"bitmap must be {_nbytes(n)} uint8 bytes on the CPU for {n} entries")
+    bitmap = bitmap.contiguous()
     out = torch.empty(n, dtype=values.dtype)
     marked = library().fm_scatter(values.data_ptr(), values.numel(), bitmap.data_ptr(), n, out.data_ptr())
     if marked != values.numel():
