@@ -61,6 +61,33 @@ def test_scatter_matches_torch(n):
     assert _same(dense, torch.where(keep, x, torch.zeros(())))
 
 
+def _patterns(n: int) -> dict[str, torch.Tensor]:
+    """Keep masks that stress the branch-free copies at block edges (32768 elements a block)."""
+    g = torch.Generator().manual_seed(5)
+    block = torch.arange(n) % 32768
+    masks = {f"random {d}": torch.rand(n, generator=g) < d for d in (0.01, 0.1, 0.5, 0.99)}
+    masks["each block's last 3"] = block >= 32765
+    masks["each block's first"] = block == 0
+    masks["tensor's last 9"] = torch.arange(n) >= n - 9
+    masks["first half only"] = torch.arange(n) < n // 2
+    masks["all"] = torch.ones(n, dtype=torch.bool)
+    masks["none"] = torch.zeros(n, dtype=torch.bool)
+    return masks
+
+
+@native
+@pytest.mark.parametrize("n", [3 * 32768 + 13, 2 * 32768])
+def test_gather_and_scatter_on_block_edge_patterns(n):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    for name, keep in _patterns(n).items():
+        x = torch.where(keep, values.sign() * (2 + values.abs()), values.clamp(-0.9, 0.9))
+        bitmap, counts, kept = bitkernels.select_above(x, 1.0)
+        assert torch.equal(bitmap, pack_bits(keep)) and kept == int(keep.sum()), name
+        gathered = bitkernels.gather(x, bitmap, counts, kept)
+        assert _same(gathered, x[keep]), name
+        assert _same(bitkernels.scatter(gathered, bitmap, n), torch.where(keep, x, torch.zeros(()))), name
+
+
 @native
 def test_scatter_rejects_a_bitmap_that_disagrees_with_the_values():
     keep = torch.rand(100) > 0.5
