@@ -9,7 +9,9 @@ configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9; each dense and at pa
 - parameter, gradient and optimizer (momentum) bytes as allocated;
 - the child's peak RSS (``ru_maxrss``) and its median step time, with the project's runtime setting
   (:data:`common.runtime.TRAINING_ENV`, huge-page tensor allocation) and, from a second child, with
-  glibc's default allocation, whose page faults cost SAP more than plain autograd;
+  glibc's default allocation, whose page faults cost SAP more than plain autograd; NSConv and
+  NSConv + SAP, whose step times are compared, run ``--repeats`` times each, alternating, and the
+  median is over all their steps;
 - the appendix 7.2 memory estimate and appendix 7.3 FLOPs for the same model.
 
 Writes ``bench/results/memory.json`` and ``memory.md`` and prints the table.
@@ -40,7 +42,8 @@ MODELS = ("resnet18", "mobilenetv2")
 # (label, norm, act_sparsity)
 CONFIGS = (("batchnorm", "batchnorm", None), ("nsconv", "nsconv", None), ("nsconv+sap", "nsconv", 0.9))
 PARAM_SPARSITIES = (0.0, 0.9)
-BATCH, STEPS, WARMUP = 64, 8, 1
+BATCH, STEPS, WARMUP, REPEATS = 64, 8, 1, 3
+TIMED = ("nsconv", "nsconv+sap")  # the pair whose step-time ratio is the target
 
 
 def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsity: float,
@@ -127,24 +130,38 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="fresh-process runs of nsconv and nsconv+SAP, alternating, whose steps are pooled")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
         return
 
-    results = {"batch": args.batch, "input": [3, 32, 32], "steps": args.steps, "torch": torch.__version__,
+    results = {"batch": args.batch, "input": [3, 32, 32], "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "sap_kernels": bitkernels.status(),
                "allocation": {"main": f"huge pages, {runtime.TRAINING_ENV}", "glibc": "glibc malloc defaults"}, "models": {}}
     for model_name in args.models:
         configs = {}
-        for label, norm, act_sparsity in CONFIGS:
-            for s in PARAM_SPARSITIES:
-                print(f"[bench.memory] {model_name} {label} s_tm={s} ...", file=sys.stderr, flush=True)
-                r = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "thp")
-                glibc = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "glibc")
-                configs[f"{label}@{s}"] = {"config": label, "norm": norm, "act_sparsity": act_sparsity, "param_sparsity": s, **r,
-                                           "glibc": {k: glibc[k] for k in ("allocator", "step_seconds_median", "step_seconds", "peak_rss_bytes")}}
+        for s in PARAM_SPARSITIES:
+            # The two configurations whose step times are compared alternate, each time in fresh
+            # processes, so that a slow spell of this shared machine does not fall on one of them only.
+            for rep in range(args.repeats):
+                for label, norm, act_sparsity in CONFIGS:
+                    if rep and label not in TIMED:
+                        continue
+                    print(f"[bench.memory] {model_name} {label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True)
+                    r = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "thp")
+                    glibc = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "glibc")
+                    key = f"{label}@{s}"
+                    if rep == 0:
+                        configs[key] = {"config": label, "norm": norm, "act_sparsity": act_sparsity, "param_sparsity": s, **r,
+                                        "glibc": {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")}}
+                    else:
+                        configs[key]["step_seconds"] += r["step_seconds"]
+                        configs[key]["glibc"]["step_seconds"] += glibc["step_seconds"]
+                    configs[key]["step_seconds_median"] = statistics.median(configs[key]["step_seconds"])
+                    configs[key]["glibc"]["step_seconds_median"] = statistics.median(configs[key]["glibc"]["step_seconds"])
         ratios = {}
         for s in PARAM_SPARSITIES:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]
@@ -158,7 +175,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(results, indent=2))
     text = table(results)
-    (args.out / "memory.md").write_text(f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps, torch {torch.__version__})\n\n"
+    (args.out / "memory.md").write_text(f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps; NSConv and "
+                                        f"NSConv + SAP: {args.repeats} alternating runs of {args.steps} steps; torch {torch.__version__})\n\n"
                                         f"SAP kernels: {results['sap_kernels']}\n\n{text}\n")
     print(text)
 
