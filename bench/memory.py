@@ -160,8 +160,9 @@ def main() -> None:
                     else:
                         configs[key]["step_seconds"] += r["step_seconds"]
                         configs[key]["glibc"]["step_seconds"] += glibc["step_seconds"]
-                    configs[key]["step_seconds_median"] = statistics.median(configs[key]["step_seconds"])
-                    configs[key]["glibc"]["step_seconds_median"] = statistics.median(configs[key]["glibc"]["step_seconds"])
+        for entry in configs.values():  # over every run's steps
+            for timed in (entry, entry["glibc"]):
+                timed["step_seconds_median"] = statistics.median(timed["step_seconds"])
         ratios = {}
         for s in PARAM_SPARSITIES:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]

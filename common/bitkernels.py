@@ -69,6 +69,8 @@ __attribute__((constructor)) static void init_tables(void) {
     }
 }
 
+int64_t fm_block_elements(void) { return 8 * BLOCK; } /* sizes fm_select_above's counts */
+
 static int64_t block_count(int64_t nbytes) { return (nbytes + BLOCK - 1) / BLOCK; }
 static int64_t block_end(int64_t k, int64_t nbytes) { return k * BLOCK + BLOCK < nbytes ? k * BLOCK + BLOCK : nbytes; }
 
@@ -212,8 +214,8 @@ _SIGNATURES = {
     "fm_scatter": (_I64, [_PTR, _I64, _PTR, _I64, _PTR]),
     "fm_relu_pack": (None, [_PTR, _I64, ctypes.c_int, _F32, _PTR, _PTR]),
     "fm_mask_grad": (None, [_PTR, _PTR, _I64, _PTR]),
+    "fm_block_elements": (_I64, []),
 }
-_BLOCK_ELEMENTS = 8 * 4096
 
 
 _status = "not loaded yet"  # why the native path is or is not in use (logs, benchmark records)
@@ -303,7 +305,7 @@ def select_above(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     """``(bitmap of |x| > threshold, per-block counts, count)`` for a :func:`usable` tensor."""
     n = x.numel()
     bitmap = torch.empty(_nbytes(n), dtype=torch.uint8)
-    counts = torch.empty(-(-n // _BLOCK_ELEMENTS), dtype=torch.int64)
+    counts = torch.empty(-(-n // library().fm_block_elements()), dtype=torch.int64)
     kept = library().fm_select_above(x.data_ptr(), n, threshold, bitmap.data_ptr(), counts.data_ptr())
     return bitmap, counts, int(kept)
 
