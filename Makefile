@@ -1,13 +1,13 @@
 # Two entry points: `make run` (the main job) and `make test`. Both build .venv/ first.
 PY := .venv/bin/python
 
-.PHONY: run test data compiler bench clean
+.PHONY: run test lint data compiler kernels bench clean
 
 .venv/.installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv .venv
 	# torch first and pinned: the CPU wheel; the constraints file keeps every later step from replacing it
 	$(PY) -m pip install -q -c .ci/constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c .ci/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c .ci/constraints.txt -e ".[test,lint]"
 	touch .venv/.installed
 
 # Fashion-MNIST from Debian's package dataset-fashion-mnist (needs root; says how to get it otherwise).
@@ -17,7 +17,7 @@ data:
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
 	  || echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist'"
 
-# A C compiler for SAP's kernels, which common/bitkernels.py builds on first use (root installs gcc;
+# A C compiler for SAP's kernels, which common/nn/bitkernels.py builds on first use (root installs gcc;
 # without one SAP runs its slower torch code).
 compiler:
 	@command -v $${CC:-cc} >/dev/null \
@@ -25,12 +25,23 @@ compiler:
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q gcc libc6-dev >/dev/null 2>&1) \
 	  || echo "No C compiler: SAP will run its slower torch code. Install one: 'sudo apt-get install gcc'"
 
+# After editing common/nn/bitkernels.c: rewrite bitkernels.c.json, the copy of its text that a Flower app
+# bundle carries to the ClientApps (a FAB holds no .c files); tests/test_bitkernels.py fails while it is stale.
+kernels: .venv/.installed
+	$(PY) -m common.nn.bitkernels --bundle
+
 # The main job: a short FedMef run in Flower's simulation engine (4 SuperNodes), then the result table.
 run: .venv/.installed data compiler
-	$(PY) -m bench.simulation
+	$(PY) -m server.simulation
 
 test: .venv/.installed data compiler
 	$(PY) -m pytest -q
+
+# Format check, lint (E, F, I, B, UP) and types; `ruff format .` and `ruff check --fix .` mend most of it.
+lint: .venv/.installed
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: .venv/.installed compiler
 	$(PY) -m bench.memory

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.simulation import ROOT
-from common import runtime
+from common.measure import runtime
+from server.simulation import ROOT
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 RESULTS = ROOT / "bench" / "results"
@@ -34,10 +34,21 @@ CONFIGS = {  # label -> run-config overrides
 
 def _base_config(steps: int) -> dict:
     import tomllib
+
     values = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    values.update({"model": "resnet18", "dataset": "cifar10", "data-dir": str(ROOT.parent / "shared/data/cifar10"),
-                   "batch-size": 64, "s-tm": 0.9, "s-ta": 0.9, "max-local-steps": steps, "delta-r": 100,
-                   "min-train-nodes": 1})
+    values.update(
+        {
+            "model": "resnet18",
+            "dataset": "cifar10",
+            "data-dir": str(ROOT.parent / "shared/data/cifar10"),
+            "batch-size": 64,
+            "s-tm": 0.9,
+            "s-ta": 0.9,
+            "max-local-steps": steps,
+            "delta-r": 100,
+            "min-train-nodes": 1,
+        }
+    )
     return values
 
 
@@ -46,9 +57,10 @@ def _train_message(run_config: dict, out: Path) -> Path:
     from flwr.common.serde import recorddict_to_proto
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.config import parse_run_config
-    from common.models import build_model
+    from common.nn.models import build_model
+    from common.protocol.config import parse_run_config
     from server.strategy import make_strategy
+
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what a ServerApp task has
     cfg = parse_run_config(run_config)
     strategy = make_strategy(cfg, build_model(cfg.model, norm=cfg.resolved_norm, gamma=cfg.gamma))
@@ -65,13 +77,24 @@ def _child(cgroup: Path, message: Path, partition: Path, run_config: dict) -> No
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from client.client_app import train
+
     proto = ProtoRecordDict()
     proto.ParseFromString(message.read_bytes())
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=3600, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
     msg = Message(content=recorddict_from_proto(proto), metadata=metadata)
-    context = Context(run_id=1, node_id=1, node_config={"data-path": str(partition)}, state=RecordDict(),
-                      run_config=run_config)
+    context = Context(
+        run_id=1, node_id=1, node_config={"data-path": str(partition)}, state=RecordDict(), run_config=run_config
+    )
     reply = train(msg, context)
     print(json.dumps(dict(reply.content["metrics"])))
 
@@ -86,14 +109,32 @@ def _measure(label: str, overrides: dict, partition: Path, limit_mb: int, steps:
         if (cgroup / "memory.memsw.limit_in_bytes").exists():  # no escape into swap
             (cgroup / "memory.memsw.limit_in_bytes").write_text(str(limit_mb * 2**20))
         start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "bench.cgroup_client", "--child", str(cgroup), str(message),
-                               str(partition), json.dumps(run_config)], cwd=ROOT, capture_output=True, text=True,
-                              env=runtime.training_env())
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.cgroup_client",
+                "--child",
+                str(cgroup),
+                str(message),
+                str(partition),
+                json.dumps(run_config),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=runtime.training_env(),
+        )
         oom = dict(line.split() for line in (cgroup / "memory.oom_control").read_text().splitlines())
-        row = {"config": label, "limit_mb": limit_mb, "exit_code": proc.returncode,
-               "peak_mb": int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2**20,
-               "failcnt": int((cgroup / "memory.failcnt").read_text()), "oom_kills": int(oom.get("oom_kill", 0)),
-               "wall_s": time.time() - start}
+        row = {
+            "config": label,
+            "limit_mb": limit_mb,
+            "exit_code": proc.returncode,
+            "peak_mb": int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2**20,
+            "failcnt": int((cgroup / "memory.failcnt").read_text()),
+            "oom_kills": int(oom.get("oom_kill", 0)),
+            "wall_s": time.time() - start,
+        }
         if proc.returncode == 0:
             row["client"] = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
@@ -117,12 +158,12 @@ def main() -> None:
     a = p.parse_args()
     if not (CGROUP_ROOT / "memory.limit_in_bytes").exists() or not os.access(CGROUP_ROOT, os.W_OK):
         sys.exit(f"needs a writable cgroup v1 memory controller at {CGROUP_ROOT} (run as root)")
-    from common.config import parse_run_config
-    from deploy.prepare_partitions import prepare
+    from common.data.partition_files import prepare
+    from common.protocol.config import parse_run_config
+
     work = RESULTS / "cgroup_client-work"
     work.mkdir(parents=True, exist_ok=True)
-    partition = prepare(work, 100, parse_run_config(_base_config(a.steps)), prefix="client",
-                        max_examples=a.examples)[0]
+    partition = prepare(work, 100, parse_run_config(_base_config(a.steps)), prefix="client", max_examples=a.examples)[0]
     rows = []
     for label, overrides in CONFIGS.items():
         print(f"[{label}] one round in a {a.limit_mb} MiB cgroup ...", flush=True)
@@ -132,18 +173,33 @@ def main() -> None:
     for path in work.iterdir():
         path.unlink()
     work.rmdir()
-    lines = [f"ResNet18, CIFAR-10 partition of {a.examples} examples, batch 64, s_tm 0.9, {a.steps} local steps, "
-             f"memory cgroup limit {a.limit_mb} MiB (v1, swap included), client started with {runtime.TRAINING_ENV}", "",
-             # not the client's own ru_maxrss: after fork + exec it still holds this parent's high-water mark
-             "| configuration | finished | peak cgroup memory (MiB) | OOM kills | activation bytes held (MiB) | train time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"ResNet18, CIFAR-10 partition of {a.examples} examples, batch 64, s_tm 0.9, {a.steps} local steps, "
+        f"memory cgroup limit {a.limit_mb} MiB (v1, swap included), client started with {runtime.TRAINING_ENV}",
+        "",
+        # not the client's own ru_maxrss: after fork + exec it still holds this parent's high-water mark
+        "| configuration | finished | peak cgroup memory (MiB) | OOM kills | activation bytes held (MiB) "
+        "| train time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         c = r.get("client", {})
-        lines.append(f"| {r['config']} | {'yes' if r['exit_code'] == 0 else 'no (exit %d)' % r['exit_code']} | "
-                     f"{r['peak_mb']:.0f} | {r['oom_kills']} | {c.get('activation-bytes', 0) / 2**20:.1f} | "
-                     f"{c.get('train-time-s', 0):.1f} |")
-    (RESULTS / "cgroup_client.json").write_text(json.dumps({"command": "python -m bench.cgroup_client " + " ".join(sys.argv[1:]),
-                                                            "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+        status = "yes" if r["exit_code"] == 0 else f"no (exit {r['exit_code']})"
+        lines.append(
+            f"| {r['config']} | {status} | "
+            f"{r['peak_mb']:.0f} | {r['oom_kills']} | {c.get('activation-bytes', 0) / 2**20:.1f} | "
+            f"{c.get('train-time-s', 0):.1f} |"
+        )
+    (RESULTS / "cgroup_client.json").write_text(
+        json.dumps(
+            {
+                "command": "python -m bench.cgroup_client " + " ".join(sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d"),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     (RESULTS / "cgroup_client.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

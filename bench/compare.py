@@ -2,8 +2,8 @@
 
 ``python -m bench.compare`` runs fedmef, fedtiny, feddst, pqsu, fedavg and feddip one after the other
 with the same preset (``conf/compare_fmnist.toml``: LeNet-5, Fashion-MNIST, 10 clients, Dirichlet 0.5,
-s_tm 0.9) and writes ``bench/results/compare.json`` (the summaries, the command and each run's
-rounds), ``compare.md`` (the table) and ``compare.svg`` (accuracy and bytes per round, all methods).
+s_tm 0.9) and writes ``compare.json`` (the summaries, the command and each run's rounds), ``compare.md`` (the
+table) and ``compare.png`` (accuracy, bytes and memory, all methods) into ``--summary-dir``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import argparse
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.simulation import ROOT, run_simulation
-from server.results import markdown_table, plot_runs, summarize, write_json_atomic
+from common.methods import METHODS
+from server.plots import plot_runs
+from server.results import markdown_table, summarize, write_json_atomic
+from server.simulation import ROOT, run_simulation
 
-METHODS = ("fedmef", "fedtiny", "feddst", "pqsu", "fedavg", "feddip")
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -28,7 +29,8 @@ def main() -> None:
     p.add_argument("--preset", type=Path, default=ROOT / "conf" / "compare_fmnist.toml")
     p.add_argument("--supernodes", type=int, default=10)
     p.add_argument("--rounds", type=int, default=None, help="override the preset's num-server-rounds")
-    p.add_argument("--out", type=Path, default=RESULTS / "compare")
+    p.add_argument("--out", type=Path, default=RESULTS / "compare", help="folder for the runs")
+    p.add_argument("--summary-dir", type=Path, default=RESULTS, help="folder for compare.json, .md and .png")
     a = p.parse_args()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     runs: dict[str, dict] = {}
@@ -36,19 +38,38 @@ def main() -> None:
     for method in a.methods.split(","):
         start = time.time()
         print(f"[{method}] flwr run with {a.supernodes} SuperNodes ...", flush=True)
-        runs[method] = run_simulation({**overrides, "strategy": method}, a.supernodes, a.out, f"{method}-{stamp}",
-                                      preset=a.preset, log_path=a.out / f"{method}-{stamp}.log", timeout=5400)
+        runs[method] = run_simulation(
+            {**overrides, "strategy": method},
+            a.supernodes,
+            a.out,
+            f"{method}-{stamp}",
+            preset=a.preset,
+            log_path=a.out / f"{method}-{stamp}.log",
+            timeout=5400,
+        )
         s = runs[method]["summary"]
-        print(f"[{method}] {len(runs[method]['rounds'])} rounds in {time.time() - start:.0f} s: final acc "
-              f"{s['final_accuracy']:.4f}, {s['bytes_ratio_vs_dense']:.3f}x dense bytes", flush=True)
+        print(
+            f"[{method}] {len(runs[method]['rounds'])} rounds in {time.time() - start:.0f} s: final acc "
+            f"{s['final_accuracy']:.4f}, {s['bytes_ratio_vs_dense']:.3f}x dense bytes",
+            flush=True,
+        )
     table = markdown_table(runs)
-    write_json_atomic(RESULTS / "compare.json", {
-        "command": " ".join([Path(sys.executable).name, "-m", "bench.compare", *sys.argv[1:]]),
-        "preset": str(a.preset.relative_to(ROOT)), "supernodes": a.supernodes, "host": platform.node(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "summaries": {m: summarize(r) for m, r in runs.items()}, "runs": runs})
-    (RESULTS / "compare.md").write_text(table + "\n")
-    plot_runs(runs, RESULTS / "compare.svg", title="LeNet-5 on Fashion-MNIST, 10 clients, Dirichlet 0.5, s_tm 0.9")
+    write_json_atomic(
+        a.summary_dir / "compare.json",
+        {
+            "command": " ".join([Path(sys.executable).name, "-m", "bench.compare", *sys.argv[1:]]),
+            "preset": str(a.preset.relative_to(ROOT)),
+            "supernodes": a.supernodes,
+            "host": platform.node(),
+            "finished": datetime.now(UTC).isoformat(),
+            "summaries": {m: summarize(r) for m, r in runs.items()},
+            "runs": runs,
+        },
+    )
+    (a.summary_dir / "compare.md").write_text(table + "\n")
+    plot_runs(
+        runs, a.summary_dir / "compare.png", title="LeNet-5 on Fashion-MNIST, 10 clients, Dirichlet 0.5, s_tm 0.9"
+    )
     print(table)
 
 

@@ -8,7 +8,7 @@ configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9; each dense and at pa
   exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
 - parameter, gradient and optimizer (momentum) bytes as allocated;
 - the child's peak RSS (``ru_maxrss``) and its median step time, with the project's runtime setting
-  (:data:`common.runtime.TRAINING_ENV`, huge-page tensor allocation) and, from a second child, with
+  (:data:`common.measure.runtime.TRAINING_ENV`, huge-page tensor allocation) and, from a second child, with
   glibc's default allocation, whose page faults cost SAP more than plain autograd; NSConv and
   NSConv + SAP, whose step times are compared, run ``--repeats`` times each, alternating, and the
   median is over all their steps;
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import bitkernels, runtime
-from common.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
-from common.masks import load_masks, random_masks, weight_shapes
-from common.models import build_model
+from common.measure import runtime
+from common.measure.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
+from common.nn import bitkernels
+from common.nn.models import build_model
+from common.pruning.masks import load_masks, random_masks, weight_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "mobilenetv2")
@@ -46,13 +47,16 @@ BATCH, STEPS, WARMUP, REPEATS = 64, 8, 1, 3
 TIMED = ("nsconv", "nsconv+sap")  # the pair whose step-time ratio is the target
 
 
-def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsity: float,
-            batch: int, steps: int) -> dict:
+def measure(
+    model_name: str, norm: str, act_sparsity: float | None, param_sparsity: float, batch: int, steps: int
+) -> dict:
     """Train ``steps`` SGD steps (after one warm-up) and measure; runs inside the child process."""
     torch.manual_seed(0)
     model = build_model(model_name, norm=norm, act_sparsity=act_sparsity)
     if param_sparsity > 0:
-        load_masks(model, random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(0)))
+        load_masks(
+            model, random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(0))
+        )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
     times, held = [], None
@@ -88,11 +92,21 @@ def measure(model_name: str, norm: str, act_sparsity: float | None, param_sparsi
     }
 
 
-def run_child(model_name: str, label: str, norm: str, act_sparsity, param_sparsity: float, batch: int, steps: int,
-              allocator: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.memory", "--child", json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps])]
-    env = runtime.training_env() if allocator == "thp" else {
-        k: v for k, v in os.environ.items() if k not in runtime.TRAINING_ENV}
+def run_child(
+    model_name: str, label: str, norm: str, act_sparsity, param_sparsity: float, batch: int, steps: int, allocator: str
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.memory",
+        "--child",
+        json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps]),
+    ]
+    env = (
+        runtime.training_env()
+        if allocator == "thp"
+        else {k: v for k, v in os.environ.items() if k not in runtime.TRAINING_ENV}
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{model_name}/{label} failed:\n{done.stderr[-2000:]}")
@@ -104,23 +118,32 @@ def mib(n: float) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| model | config | s_tm | held for backward (MiB) | params | grads | optim | peak RSS | estimate (app. 7.2) "
-            "| step s (median) | step s, glibc | peak RSS, glibc | train GFLOP/step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | config | s_tm | held for backward (MiB) | params | grads | optim | peak RSS | estimate (app. 7.2) "
+        "| step s (median) | step s, glibc | peak RSS, glibc | train GFLOP/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for model_name, entry in results["models"].items():
-        for key, r in entry["configs"].items():
-            rows.append(f"| {model_name} | {r['config']} | {r['param_sparsity']} | {mib(r['activation_bytes'])} | "
-                        f"{mib(r['parameter_bytes'])} | {mib(r['gradient_bytes'])} | {mib(r['optimizer_bytes'])} | "
-                        f"{mib(r['peak_rss_bytes'])} | {mib(r['estimate_bytes'])} | {r['step_seconds_median']:.2f} | "
-                        f"{r['glibc']['step_seconds_median']:.2f} | {mib(r['glibc']['peak_rss_bytes'])} | "
-                        f"{r['train_flops_per_step'] / 1e9:.1f} |")
+        for r in entry["configs"].values():
+            rows.append(
+                f"| {model_name} | {r['config']} | {r['param_sparsity']} | {mib(r['activation_bytes'])} | "
+                f"{mib(r['parameter_bytes'])} | {mib(r['gradient_bytes'])} | {mib(r['optimizer_bytes'])} | "
+                f"{mib(r['peak_rss_bytes'])} | {mib(r['estimate_bytes'])} | {r['step_seconds_median']:.2f} | "
+                f"{r['glibc']['step_seconds_median']:.2f} | {mib(r['glibc']['peak_rss_bytes'])} | "
+                f"{r['train_flops_per_step'] / 1e9:.1f} |"
+            )
     rows.append("")
-    rows.append("| model | s_tm | activation bytes nsconv / nsconv+SAP | step time nsconv+SAP / nsconv | same, glibc allocation |")
+    rows.append(
+        "| model | s_tm | activation bytes nsconv / nsconv+SAP | step time nsconv+SAP / nsconv "
+        "| same, glibc allocation |"
+    )
     rows.append("|---|---|---|---|---|")
     for model_name, entry in results["models"].items():
         for s, ratio in entry["ratios"].items():
-            rows.append(f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x "
-                        f"| {ratio['sap_step_time_ratio_glibc']:.2f}x |")
+            rows.append(
+                f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x "
+                f"| {ratio['sap_step_time_ratio_glibc']:.2f}x |"
+            )
     return "\n".join(rows)
 
 
@@ -130,17 +153,29 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--repeats", type=int, default=REPEATS,
-                        help="fresh-process runs of nsconv and nsconv+SAP, alternating, whose steps are pooled")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help="fresh-process runs of nsconv and nsconv+SAP, alternating, whose steps are pooled",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
         return
 
-    results = {"batch": args.batch, "input": [3, 32, 32], "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "sap_kernels": bitkernels.status(),
-               "allocation": {"main": f"huge pages, {runtime.TRAINING_ENV}", "glibc": "glibc malloc defaults"}, "models": {}}
+    results = {
+        "batch": args.batch,
+        "input": [3, 32, 32],
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "sap_kernels": bitkernels.status(),
+        "allocation": {"main": f"huge pages, {runtime.TRAINING_ENV}", "glibc": "glibc malloc defaults"},
+        "models": {},
+    }
     for model_name in args.models:
         configs = {}
         for s in PARAM_SPARSITIES:
@@ -155,8 +190,14 @@ def main() -> None:
                     glibc = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "glibc")
                     key = f"{label}@{s}"
                     if rep == 0:
-                        configs[key] = {"config": label, "norm": norm, "act_sparsity": act_sparsity, "param_sparsity": s, **r,
-                                        "glibc": {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")}}
+                        configs[key] = {
+                            "config": label,
+                            "norm": norm,
+                            "act_sparsity": act_sparsity,
+                            "param_sparsity": s,
+                            **r,
+                            "glibc": {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")},
+                        }
                     else:
                         configs[key]["step_seconds"] += r["step_seconds"]
                         configs[key]["glibc"]["step_seconds"] += glibc["step_seconds"]
@@ -166,19 +207,25 @@ def main() -> None:
         ratios = {}
         for s in PARAM_SPARSITIES:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]
-            ratios[str(s)] = {"activation_reduction": plain["activation_bytes"] / sap["activation_bytes"],
-                              "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"],
-                              "sap_step_time_ratio_glibc": sap["glibc"]["step_seconds_median"] / plain["glibc"]["step_seconds_median"]}
+            ratios[str(s)] = {
+                "activation_reduction": plain["activation_bytes"] / sap["activation_bytes"],
+                "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"],
+                "sap_step_time_ratio_glibc": sap["glibc"]["step_seconds_median"]
+                / plain["glibc"]["step_seconds_median"],
+            }
         results["models"][model_name] = {
-            "configs": configs, "ratios": ratios,
+            "configs": configs,
+            "ratios": ratios,
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(results, indent=2))
     text = table(results)
-    (args.out / "memory.md").write_text(f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps; NSConv and "
-                                        f"NSConv + SAP: {args.repeats} alternating runs of {args.steps} steps; torch {torch.__version__})\n\n"
-                                        f"SAP kernels: {results['sap_kernels']}\n\n{text}\n")
+    (args.out / "memory.md").write_text(
+        f"# bench.memory (batch {args.batch}, 3x32x32, {args.steps} steps; NSConv and "
+        f"NSConv + SAP: {args.repeats} alternating runs of {args.steps} steps; torch {torch.__version__})\n\n"
+        f"SAP kernels: {results['sap_kernels']}\n\n{text}\n"
+    )
     print(text)
 
 

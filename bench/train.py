@@ -15,27 +15,43 @@ from pathlib import Path
 
 import torch
 
-from common.datasets import DataError, load_dataset
-from common.masks import keep_pruned_at_zero, load_masks, model_masks, random_masks, sparsity, weight_shapes
-from common.models import NORMS, build_model
-from common.training import TrainStats, batches, evaluate, train_step
+from common.data.datasets import DataError, load_dataset
+from common.nn.models import NORMS, build_model
+from common.nn.training import TrainStats, batches, evaluate, train_step
+from common.pruning.masks import keep_pruned_at_zero, load_masks, model_masks, random_masks, sparsity, weight_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(model_name: str = "lenet5", dataset: str = "fashion-mnist", data_dir: str | None = None, norm: str = "nsconv",
-        act_sparsity: float | None = 0.9, param_sparsity: float = 0.9, steps: int = 300, batch: int = 64,
-        lr: float = 0.05, seed: int = 0, log_every: int = 50, test_limit: int | None = None) -> dict:
+def run(
+    model_name: str = "lenet5",
+    dataset: str = "fashion-mnist",
+    data_dir: str | None = None,
+    norm: str = "nsconv",
+    act_sparsity: float | None = 0.9,
+    param_sparsity: float = 0.9,
+    steps: int = 300,
+    batch: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+    log_every: int = 50,
+    test_limit: int | None = None,
+) -> dict:
     torch.manual_seed(seed)
     data = load_dataset(dataset, data_dir)
-    model = build_model(model_name, norm=norm, act_sparsity=act_sparsity, num_classes=data.num_classes,
-                        in_channels=data.in_channels)
+    model = build_model(
+        model_name, norm=norm, act_sparsity=act_sparsity, num_classes=data.num_classes, in_channels=data.in_channels
+    )
     masks = random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(seed))
     load_masks(model, masks)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     keep_pruned_at_zero(optimizer, model, masks)
     gen = torch.Generator().manual_seed(seed)
-    test = data.test if test_limit is None else type(data.test)(data.test.images[:test_limit], data.test.labels[:test_limit])
+    test = (
+        data.test
+        if test_limit is None
+        else type(data.test)(data.test.images[:test_limit], data.test.labels[:test_limit])
+    )
     curve, stats, window = [], TrainStats(), TrainStats()
     start = time.perf_counter()
     while stats.steps < steps:
@@ -44,16 +60,31 @@ def run(model_name: str = "lenet5", dataset: str = "fashion-mnist", data_dir: st
             stats.steps += 1
             if stats.steps % log_every == 0 or stats.steps == steps:
                 curve.append({"step": stats.steps, "train_loss": window.mean_loss})
-                print(f"[bench.train] step {stats.steps}/{steps} loss {window.mean_loss:.4f}", file=sys.stderr, flush=True)
+                print(
+                    f"[bench.train] step {stats.steps}/{steps} loss {window.mean_loss:.4f}", file=sys.stderr, flush=True
+                )
                 window = TrainStats()
             if stats.steps == steps:
                 break
     seconds = time.perf_counter() - start
     test_loss, test_acc = evaluate(model, test)
-    return {"model": model_name, "dataset": dataset, "norm": norm, "act_sparsity": act_sparsity,
-            "param_sparsity_target": param_sparsity, "param_sparsity": sparsity(model_masks(model)),
-            "steps": steps, "batch": batch, "lr": lr, "seed": seed, "curve": curve, "test_loss": test_loss,
-            "test_accuracy": test_acc, "test_examples": len(test), "train_seconds": seconds}
+    return {
+        "model": model_name,
+        "dataset": dataset,
+        "norm": norm,
+        "act_sparsity": act_sparsity,
+        "param_sparsity_target": param_sparsity,
+        "param_sparsity": sparsity(model_masks(model)),
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "curve": curve,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "test_examples": len(test),
+        "train_seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -71,19 +102,31 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "train.json")
     a = p.parse_args()
     try:
-        result = run(a.model, a.dataset, a.data_dir, a.norm, None if a.act_sparsity < 0 else a.act_sparsity,
-                     a.param_sparsity, a.steps, a.batch, a.lr, a.seed)
+        result = run(
+            a.model,
+            a.dataset,
+            a.data_dir,
+            a.norm,
+            None if a.act_sparsity < 0 else a.act_sparsity,
+            a.param_sparsity,
+            a.steps,
+            a.batch,
+            a.lr,
+            a.seed,
+        )
     except (DataError, ValueError) as exc:
         sys.exit(f"bench.train: {exc}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
-    print(f"| step | train loss |\n|---|---|")
+    print("| step | train loss |\n|---|---|")
     for point in result["curve"]:
         print(f"| {point['step']} | {point['train_loss']:.4f} |")
-    print(f"\n{result['model']} on {result['dataset']}, norm {result['norm']}, SAP s_ta {result['act_sparsity']}, "
-          f"parameter sparsity {result['param_sparsity']:.3f}: test accuracy {result['test_accuracy']:.4f} "
-          f"on {result['test_examples']} images after {result['steps']} steps ({result['train_seconds']:.1f} s); "
-          f"written to {a.out}")
+    print(
+        f"\n{result['model']} on {result['dataset']}, norm {result['norm']}, SAP s_ta {result['act_sparsity']}, "
+        f"parameter sparsity {result['param_sparsity']:.3f}: test accuracy {result['test_accuracy']:.4f} "
+        f"on {result['test_examples']} images after {result['steps']} steps ({result['train_seconds']:.1f} s); "
+        f"written to {a.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Flower ClientApp: read the server's message, train or evaluate, reply with sparse content.
 
-Message contents (see :mod:`common.wire`): ``train`` (ConfigRecord, :class:`Instructions`), ``model``
+Message contents (see :mod:`common.protocol.wire`): ``train`` (ConfigRecord, :class:`Instructions`), ``model``
 (values in mask order + dense tensors), ``masks`` (only when the node's mask is stale). The node keeps
 the last mask it received in ``context.state``, so unchanged masks never travel again. Replies carry
 ``model``, optional ``topk`` / ``flips`` records and a ``metrics`` MetricRecord with the examples, loss,
@@ -26,12 +26,19 @@ from torch import nn
 from client.data import ClientData, load_client_data
 from client.device import device_report, plan_batch_size
 from client.trainer import build_local_model, local_train
-from common.config import parse_run_config
-from common.masks import Masks, load_masks
-from common.protocol import Instructions
-from common.training import evaluate
-from common.wire import (ModelLayout, decode_masks, encode_positions, from_array_record, pack_values,
-                         to_array_record, unpack_values)
+from common.nn.training import evaluate
+from common.protocol.config import parse_run_config
+from common.protocol.instructions import Instructions
+from common.protocol.wire import (
+    ModelLayout,
+    decode_masks,
+    encode_positions,
+    from_array_record,
+    pack_values,
+    to_array_record,
+    unpack_values,
+)
+from common.pruning.masks import Masks, load_masks
 
 app = ClientApp()
 
@@ -54,26 +61,36 @@ def train(msg: Message, context: Context) -> Message:
     upload_masks = None if ins.mode in ("dense", "error-feedback") else result.masks
     content = RecordDict({"model": to_array_record(pack_values(model.state_dict(), layout, upload_masks))})
     if ins.adjust_local and ins.adjusting:
-        flips = {name: (torch.nonzero((result.masks[name] != masks[name]).reshape(-1)).reshape(-1), None)
-                 for name in masks}
+        flips = {
+            name: (torch.nonzero((result.masks[name] != masks[name]).reshape(-1)).reshape(-1), None) for name in masks
+        }
         content["flips"] = to_array_record(encode_positions(flips, layout, "flips"))
     if result.topk is not None:
         content["topk"] = to_array_record(encode_positions(result.topk, layout, "topk"))
     if "device-reported" not in context.state:  # the device does not change between rounds
-        content["device"] = ConfigRecord(device_report())
+        content["device"] = ConfigRecord({**device_report()})  # a dict of ConfigRecord's own value type
         context.state["device-reported"] = ConfigRecord({"at": time.time()})
-    content["metrics"] = MetricRecord({
-        "num-examples": result.examples, "batch-size": ins.batch_size, "train-loss": result.loss, "steps": result.steps,
-        "train-time-s": result.train_time_s, "cpu-time-s": cpu_time,
-        "rss-mb": process.memory_info().rss / 2**20,
-        # ru_maxrss is KiB on Linux: the peak of this process over its life (a simulation actor
-        # serves many clients, so this is an upper bound there; a SuperNode's ClientApp is one client).
-        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "activation-bytes": result.activation_bytes, "mask-version": ins.mask_version,
-        "partition-id": data.partition_id, "finished-at": time.time(),
-        "bae-marked": result.marked, "bae-norm-start": result.marked_norm_start,
-        "bae-norm-end": result.marked_norm_end,
-    })
+    content["metrics"] = MetricRecord(
+        {
+            "num-examples": result.examples,
+            "batch-size": ins.batch_size,
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "train-time-s": result.train_time_s,
+            "cpu-time-s": cpu_time,
+            "rss-mb": process.memory_info().rss / 2**20,
+            # ru_maxrss is KiB on Linux: the peak of this process over its life (a simulation actor
+            # serves many clients, so this is an upper bound there; a SuperNode's ClientApp is one client).
+            "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "activation-bytes": result.activation_bytes,
+            "mask-version": ins.mask_version,
+            "partition-id": data.partition_id,
+            "finished-at": time.time(),
+            "bae-marked": result.marked,
+            "bae-norm-start": result.marked_norm_start,
+            "bae-norm-end": result.marked_norm_end,
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -95,17 +112,26 @@ def _fit_memory_budget(model: nn.Module, data: ClientData, ins: Instructions, co
     plan = plan_batch_size(model, data.train.images[:1], ins.batch_size, budget)  # MemoryBudgetError: refuse
     if not plan.adapted:
         return ins
-    log(WARNING, "memory budget %.0f MB: batch size %d -> %d (%.0f MB in use + %.0f MB per step)", budget,
-        ins.batch_size, plan.batch_size, plan.baseline_mb, plan.needed_mb)
+    log(
+        WARNING,
+        "memory budget %.0f MB: batch size %d -> %d (%.0f MB in use + %.0f MB per step)",
+        budget,
+        ins.batch_size,
+        plan.batch_size,
+        plan.baseline_mb,
+        plan.needed_mb,
+    )
     return replace(ins, batch_size=plan.batch_size)
 
 
-def _received_model(msg: Message, context: Context, ins: Instructions,
-                    data: ClientData) -> tuple[nn.Module, ModelLayout, Masks]:
+def _received_model(
+    msg: Message, context: Context, ins: Instructions, data: ClientData
+) -> tuple[nn.Module, ModelLayout, Masks]:
     model = build_local_model(ins, data.num_classes, data.in_channels)
     layout = ModelLayout.of(model)
     masks = _current_masks(msg, context, layout, ins)
-    state = unpack_values(from_array_record(msg.content["model"]), layout, None if ins.mode == "dense" else masks)
+    arrays = from_array_record(msg.content.array_records["model"])
+    state = unpack_values(arrays, layout, None if ins.mode == "dense" else masks)
     model.load_state_dict(state, strict=False)
     load_masks(model, masks)
     return model, layout, masks
@@ -115,14 +141,15 @@ def _current_masks(msg: Message, context: Context, layout: ModelLayout, ins: Ins
     if ins.mode == "dense":
         return {name: torch.ones(shape, dtype=torch.bool) for name, shape in layout.masked}
     if "masks" in msg.content:
-        bits = from_array_record(msg.content["masks"])["bits"]
+        bits = from_array_record(msg.content.array_records["masks"])["bits"]
         masks = decode_masks(bits, layout)
         context.state["mask"] = to_array_record({"bits": bits})
         context.state["mask-info"] = ConfigRecord({"version": ins.mask_version})
         return masks
     held = context.state["mask-info"]["version"] if "mask-info" in context.state else None
     if held != ins.mask_version:
-        raise StaleMask(f"the server sent values for mask version {ins.mask_version} without the mask, "
-                        f"but this node holds version {held}; the server resends the mask next round")
-    return decode_masks(from_array_record(context.state["mask"])["bits"], layout)
-
+        raise StaleMask(
+            f"the server sent values for mask version {ins.mask_version} without the mask, "
+            f"but this node holds version {held!r}; the server resends the mask next round"  # an int or None
+        )
+    return decode_masks(from_array_record(context.state.array_records["mask"])["bits"], layout)

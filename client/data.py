@@ -9,15 +9,16 @@ y_val and num_classes), so a Raspberry Pi never holds the whole data set.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.datasets import DataError, Dataset, Split, load_dataset
+from common.data.datasets import DataError, Dataset, Split, load_dataset
+from common.protocol.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,21 @@ def load_client_data(run: RunConfig, node_config: Mapping[str, Any]) -> ClientDa
         return _partition_file(str(node_config["data-path"]))
     missing = [key for key in ("partition-id", "num-partitions") if key not in node_config]
     if missing:
-        raise DataError(f"node config lacks {', '.join(missing)}: start the SuperNode with --node-config "
-                        "'partition-id=0 num-partitions=N' or 'data-path=\"/path/partition.npz\"'")
-    return _partition(run.dataset, run.data_dir, run.download, run.partitioner, run.dirichlet_alpha, run.seed,
-                      run.val_fraction, int(node_config["partition-id"]), int(node_config["num-partitions"]))
+        raise DataError(
+            f"node config lacks {', '.join(missing)}: start the SuperNode with --node-config "
+            "'partition-id=0 num-partitions=N' or 'data-path=\"/path/partition.npz\"'"
+        )
+    return _partition(
+        run.dataset,
+        run.data_dir,
+        run.download,
+        run.partitioner,
+        run.dirichlet_alpha,
+        run.seed,
+        run.val_fraction,
+        int(node_config["partition-id"]),
+        int(node_config["num-partitions"]),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,15 +59,25 @@ def _dataset(name: str, data_dir: str, download: bool) -> Dataset:
 
 
 @functools.lru_cache(maxsize=16)
-def _partition(dataset: str, data_dir: str, download: bool, scheme: str, alpha: float, seed: int,
-               val_fraction: float, partition_id: int, num_partitions: int) -> ClientData:
+def _partition(
+    dataset: str,
+    data_dir: str,
+    download: bool,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    val_fraction: float,
+    partition_id: int,
+    num_partitions: int,
+) -> ClientData:
     # Imported here: it pulls in Flower Datasets (pyarrow, pandas), which a device reading a prepared
     # partition file (data-path) neither needs installed nor should pay for in RAM.
-    from common.partition import client_data
+    from common.data.partition import client_data
 
     full = _dataset(dataset, data_dir, download)
-    train, val = client_data(full, partition_id, num_partitions, scheme=scheme, alpha=alpha, seed=seed,
-                             val_fraction=val_fraction)
+    train, val = client_data(
+        full, partition_id, num_partitions, scheme=scheme, alpha=alpha, seed=seed, val_fraction=val_fraction
+    )
     return ClientData(train, val, full.num_classes, full.in_channels, partition_id)
 
 
@@ -66,8 +88,10 @@ def _partition_file(path: str) -> ClientData:
         with np.load(path) as arrays:
             parts = {key: arrays[key] for key in keys}
     except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise DataError(f"cannot read the partition file {path}: {exc}; it must be an .npz with {', '.join(keys)} "
-                        "(make it with deploy's partition tool)") from exc
+        raise DataError(
+            f"cannot read the partition file {path}: {exc}; it must be an .npz with {', '.join(keys)} "
+            "(make it with deploy's partition tool)"
+        ) from exc
     if Path(path).suffix != ".npz":
         raise DataError(f"partition file {path} is not an .npz")
 

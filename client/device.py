@@ -19,8 +19,9 @@ import psutil
 import torch
 from torch import nn
 
-from common import bitkernels, runtime
-from common.accounting import SavedTensorMeter
+from common.measure import runtime
+from common.measure.accounting import SavedTensorMeter
+from common.nn import bitkernels
 
 _PI_MODEL = Path("/proc/device-tree/model")
 _THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
@@ -46,10 +47,14 @@ def device_report() -> dict[str, str | int | float]:
     use, and a Raspberry Pi's model, temperature and throttling flags."""
     memory = psutil.virtual_memory()
     report: dict[str, str | int | float] = {
-        "arch": platform.machine(), "cores": os.cpu_count() or 1, "python": platform.python_version(),
-        "torch": torch.__version__, "memory-total-mb": memory.total / 2**20,
+        "arch": platform.machine(),
+        "cores": os.cpu_count() or 1,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "memory-total-mb": memory.total / 2**20,
         "memory-available-mb": memory.available / 2**20,
-        "sap-kernels": bitkernels.status().split(" ", 1)[0], "allocator": runtime.allocator(),
+        "sap-kernels": bitkernels.status().split(" ", 1)[0],
+        "allocator": runtime.allocator(),
     }
     if (model := _read(_PI_MODEL)) is not None:
         report["model"] = model
@@ -89,8 +94,9 @@ def training_bytes(model: nn.Module, example: torch.Tensor, batch_size: int) -> 
     return int(2 * params + (1 + _BACKWARD_OVERHEAD) * meter.held.activation_bytes)
 
 
-def plan_batch_size(model: nn.Module, example: torch.Tensor, batch_size: int, budget_mb: float,
-                    baseline_mb: float | None = None) -> MemoryPlan:
+def plan_batch_size(
+    model: nn.Module, example: torch.Tensor, batch_size: int, budget_mb: float, baseline_mb: float | None = None
+) -> MemoryPlan:
     """The largest batch size <= ``batch_size`` (halving) whose step fits ``budget_mb`` on top of
     ``baseline_mb`` (default: this process's RSS now); MemoryBudgetError when not even batch 1 fits."""
     baseline = psutil.Process().memory_info().rss / 2**20 if baseline_mb is None else baseline_mb
@@ -103,5 +109,6 @@ def plan_batch_size(model: nn.Module, example: torch.Tensor, batch_size: int, bu
             raise MemoryBudgetError(
                 f"training needs about {baseline + needed:.0f} MB at batch size 1 ({baseline:.0f} MB already in use "
                 f"+ {needed:.0f} MB for the step), over this node's memory-budget-mb = {budget_mb:.0f}: turn SAP on "
-                "(sap='on', s-ta 0.9), choose a smaller model, or give the node more memory")
+                "(sap='on', s-ta 0.9), choose a smaller model, or give the node more memory"
+            )
         size = max(1, size // 2)

@@ -1,4 +1,4 @@
-"""Local training as the server's :class:`~common.protocol.Instructions` say (Algorithm 1, lines 5-22).
+"""Local training as the server's :class:`~common.protocol.instructions.Instructions` say (Algorithm 1, lines 5-22).
 
 One function, :func:`local_train`, runs every method's local round: masked SGD (pruned weights stay
 exactly 0), BaE in FedMef's adjustment rounds (eq. 2-4), FedDST's own prune/grow halfway through the
@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from common.accounting import SavedTensorMeter
-from common.adjustment import prune_and_grow
-from common.bae import budget_lr, extrusion_penalty, marked_norm, mark_low
-from common.datasets import Split
-from common.layers import _Masked
-from common.masks import Masks, keep_pruned_at_zero, load_masks, prunable_weights
-from common.models import build_model
-from common.protocol import Instructions
-from common.topk import topk_pruned_gradients
-from common.training import TrainStats, batches, train_step
+from common.data.datasets import Split
+from common.measure.accounting import SavedTensorMeter
+from common.nn.layers import _Masked
+from common.nn.models import Norm, build_model
+from common.nn.training import TrainStats, batches, train_step
+from common.protocol.instructions import Instructions
+from common.pruning.adjustment import prune_and_grow
+from common.pruning.bae import budget_lr, extrusion_penalty, mark_low, marked_norm
+from common.pruning.masks import Masks, keep_pruned_at_zero, load_masks, prunable_weights
+from common.pruning.topk import topk_pruned_gradients
 
 
 @dataclass
@@ -45,8 +46,14 @@ class LocalResult:
 
 
 def build_local_model(ins: Instructions, num_classes: int, in_channels: int) -> nn.Module:
-    return build_model(ins.model, norm=ins.norm, act_sparsity=ins.act_sparsity, num_classes=num_classes,
-                       in_channels=in_channels, gamma=ins.gamma)
+    return build_model(
+        ins.model,
+        norm=cast(Norm, ins.norm),  # a str on the wire; LayerFactory rejects any value outside Norm
+        act_sparsity=ins.act_sparsity,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        gamma=ins.gamma,
+    )
 
 
 def planned_steps(examples: int, ins: Instructions) -> int:
@@ -60,8 +67,9 @@ def _stream(data: Split, ins: Instructions, generator: torch.Generator) -> Itera
         yield from batches(data, ins.batch_size, generator)
 
 
-def effective_weight_gradients(model: nn.Module, data: Split, batch_size: int, max_batches: int,
-                               generator: torch.Generator) -> dict[str, torch.Tensor]:
+def effective_weight_gradients(
+    model: nn.Module, data: Split, batch_size: int, max_batches: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """Dense ∂L/∂ŵ for every masked layer, ŵ the weight the layer computes with, averaged over batches.
 
     A pruned position's gradient is what growing it would start from (RigL, FedTiny). The mask
@@ -73,12 +81,14 @@ def effective_weight_gradients(model: nn.Module, data: Split, batch_size: int, m
     overrides = {**leaves, **{f"{name}.mask": torch.ones_like(m.mask) for name, m in layers.items()}}
     sums = {key: torch.zeros_like(leaf) for key, leaf in leaves.items()}
     for m in layers.values():
-        m.weight_fn = lambda: _as_is  # instance attribute shadows the class's weight function
+        # An instance attribute shadows the class's weight function (deleted again below); mypy forbids
+        # assigning to a method, and setattr with a constant name would trip ruff's B010.
+        m.weight_fn = lambda: _as_is  # type: ignore[method-assign]
     seen = 0
     try:
         for images, labels in batches(data, batch_size, generator):
             loss = F.cross_entropy(functional_call(model, overrides, (images,)), labels)
-            for key, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
+            for key, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
                 sums[key] += grad
             seen += 1
             if seen >= max_batches:
@@ -122,7 +132,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum, weight_decay=ins.weight_decay)
     hooks = keep_pruned_at_zero(optimizer, model, masks) if ins.mode == "masked" else ()
     forward = _error_feedback_forward(model, masks) if ins.mode == "error-feedback" else None
-    counts = dict(zip(masks, ins.counts))
+    counts = dict(zip(masks, ins.counts, strict=False))
 
     penalties: list[Callable[[], torch.Tensor]] = []
     marks: Masks = {}
@@ -132,7 +142,8 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     norm_start = marked_norm(weights, marks) if marks else 0.0
     if ins.reg_lambda > 0:  # FedDIP: un-squared per-layer L2 norm
         penalties.append(lambda: ins.reg_lambda * sum(w.norm() for w in weights.values()))
-    penalty = (lambda: sum(p() for p in penalties)) if penalties else None
+    # penalties is not empty where penalty is built, so the sum is a tensor, never sum()'s start value 0
+    penalty = (lambda: cast(torch.Tensor, sum(p() for p in penalties))) if penalties else None
 
     model.train()
     total = planned_steps(len(data), ins)
@@ -157,13 +168,23 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     if ins.topk and ins.adjusting:
         grads = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)
         topk = topk_pruned_gradients(grads, masks, counts)
-    return LocalResult(stats.examples, stats.mean_loss, stats.steps, time.perf_counter() - start,
-                       activation_bytes, masks, topk, sum(int(m.sum()) for m in marks.values()),
-                       norm_start, marked_norm(weights, marks) if marks else 0.0)
+    return LocalResult(
+        stats.examples,
+        stats.mean_loss,
+        stats.steps,
+        time.perf_counter() - start,
+        activation_bytes,
+        masks,
+        topk,
+        sum(int(m.sum()) for m in marks.values()),
+        norm_start,
+        marked_norm(weights, marks) if marks else 0.0,
+    )
 
 
-def _adjust_locally(model: nn.Module, masks: Masks, counts: dict[str, int], data: Split, ins: Instructions,
-                    generator: torch.Generator) -> None:
+def _adjust_locally(
+    model: nn.Module, masks: Masks, counts: dict[str, int], data: Split, ins: Instructions, generator: torch.Generator
+) -> None:
     """FedDST: drop the smallest active and grow the largest-gradient pruned weights, once per
     adjustment round, in the middle of local training (paper §4.1: 5 epochs, adjust, 5 epochs)."""
     grads = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)

@@ -1,7 +1,7 @@
 """The Flower ServerApp: validate the run config, build the strategy, run it, write the results.
 
 Each run writes ``<results-dir>/<run-name>/`` with ``results.json`` (rewritten after every round, so an
-interrupted run keeps its finished rounds), ``results.svg`` (accuracy and bytes per round),
+interrupted run keeps its finished rounds), ``results.png`` (accuracy and bytes per round, memory),
 ``results.md`` (the summary table, also printed) and ``model.pt`` (final weights and masks).
 """
 
@@ -10,22 +10,25 @@ from __future__ import annotations
 import platform
 import random
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from logging import ERROR, INFO
 from pathlib import Path
+from typing import cast
 
 import torch
-from flwr.app import Context
-from flwr.common.logger import log
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ConfigError, RunConfig, parse_run_config
-from common.datasets import DataError, Split, load_dataset
-from common.masks import Masks, load_masks
-from common.models import build_model
-from common.training import evaluate
-from server.results import ResultsLog, markdown_table, plot_runs
-from server.strategy import make_strategy
+from common.data.datasets import DataError, Split, load_dataset
+from common.nn.models import Norm, build_model
+from common.nn.training import evaluate
+from common.protocol.config import ConfigError, RunConfig, parse_run_config
+from common.pruning.masks import Masks, load_masks, sparsity
+from server.plots import plot_runs
+from server.results import ResultsLog, markdown_table
+from server.strategy import SparseStrategy, make_strategy
 
 app = ServerApp()
 
@@ -34,8 +37,13 @@ class GlobalEvaluator:
     """Accuracy of the global model on the (optionally capped) test set, in a no-SAP copy of the model."""
 
     def __init__(self, cfg: RunConfig, test: Split, num_classes: int, in_channels: int):
-        self.model = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=num_classes,
-                                 in_channels=in_channels, gamma=cfg.gamma)
+        self.model = build_model(
+            cfg.model,
+            norm=cast(Norm, cfg.resolved_norm),  # parse_run_config has checked it is one of NORMS
+            num_classes=num_classes,
+            in_channels=in_channels,
+            gamma=cfg.gamma,
+        )
         self.test = test
         self.batch_size = cfg.eval_batch_size
 
@@ -43,6 +51,32 @@ class GlobalEvaluator:
         self.model.load_state_dict(state, strict=False)
         load_masks(self.model, masks)
         return evaluate(self.model, self.test, self.batch_size)
+
+
+def round_evaluation(
+    strategy: SparseStrategy, evaluator: GlobalEvaluator, on_record: Callable[[dict], None]
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Flower's ``evaluate_fn``, its last call of each round: the global model's test accuracy, then the
+    round's record (the strategy's :meth:`~server.strategy.SparseStrategy.round_record` plus accuracy)
+    handed to ``on_record``. Round 0 is the initial model."""
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        start = time.perf_counter()
+        loss, accuracy = evaluator(strategy.global_state(), strategy.masks)
+        if server_round == 0:
+            on_record({"round": 0, "accuracy": accuracy, "loss": loss, "sparsity": sparsity(strategy.masks)})
+        else:
+            on_record(
+                {
+                    **strategy.round_record(),
+                    "accuracy": accuracy,
+                    "loss": loss,
+                    "eval_time_s": time.perf_counter() - start,
+                }
+            )
+        return MetricRecord({"test-loss": loss, "test-acc": accuracy})
+
+    return evaluate_round
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -62,35 +96,68 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
     test = data.test
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
-        test = Split(test.images[:cfg.max_test_examples], test.labels[:cfg.max_test_examples])
-    template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=data.num_classes,
-                           in_channels=data.in_channels, gamma=cfg.gamma)
+        test = Split(test.images[: cfg.max_test_examples], test.labels[: cfg.max_test_examples])
+    template = build_model(
+        cfg.model,
+        norm=cast(Norm, cfg.resolved_norm),  # parse_run_config has checked it is one of NORMS
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        gamma=cfg.gamma,
+    )
     out = run_dir(cfg)
-    results = ResultsLog(out / "results.json", {
-        "strategy": cfg.strategy, "config": cfg.as_dict(), "norm": cfg.resolved_norm, "sap": cfg.sap_on,
-        "bae": cfg.bae_on, "started": datetime.now(timezone.utc).isoformat(), "host": platform.node(),
-        "torch": torch.__version__, "test_examples": len(test)})
+    results = ResultsLog(
+        out / "results.json",
+        {
+            "strategy": cfg.strategy,
+            "config": cfg.as_dict(),
+            "norm": cfg.resolved_norm,
+            "sap": cfg.sap_on,
+            "bae": cfg.bae_on,
+            "started": datetime.now(UTC).isoformat(),
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "test_examples": len(test),
+        },
+    )
     started = time.time()
 
-    def on_round(record: dict) -> None:
+    def on_record(record: dict) -> None:
         if record["round"] == 0:
-            results.data["run"]["initial"] = record
+            results.set_initial(record)
             return
         results.add_round(record)
         done = record["round"]
         eta = (time.time() - started) / done * (cfg.num_server_rounds - done)
-        log(INFO, "[%s] round %d/%d: test acc %.4f, %.1f KiB/client (%.3fx dense), %d clients, %d rejected, "
-            "ETA %.0f s", cfg.strategy, done, cfg.num_server_rounds, record["accuracy"],
-            record["bytes_per_client"] / 1024, record["bytes_per_client"] / record["dense_bytes_per_client"],
-            len(record["clients"]), len(record["rejected"]), eta)
+        log(
+            INFO,
+            "[%s] round %d/%d: test acc %.4f, %.1f KiB/client (%.3fx dense), %d clients, %d rejected, ETA %.0f s",
+            cfg.strategy,
+            done,
+            cfg.num_server_rounds,
+            record["accuracy"],
+            record["bytes_per_client"] / 1024,
+            record["bytes_per_client"] / record["dense_bytes_per_client"],
+            len(record["clients"]),
+            len(record["rejected"]),
+            eta,
+        )
 
-    strategy = make_strategy(cfg, template, GlobalEvaluator(cfg, test, data.num_classes, data.in_channels), on_round)
-    strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=cfg.num_server_rounds,
-                   timeout=cfg.round_timeout, evaluate_fn=strategy.evaluate_global)
+    evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels)
+    strategy = make_strategy(cfg, template)
+    evaluate_round = round_evaluation(strategy, evaluator, on_record)
+    strategy.start(
+        grid,
+        initial_arrays=strategy.global_arrays(),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_fn=evaluate_round,
+    )
     results.finish()
-    torch.save({"state": strategy.global_state(), "masks": strategy.masks, "config": cfg.as_dict()},
-               results.path.with_name("model.pt"))
-    plot_runs({cfg.strategy: results.data}, results.path.with_suffix(".svg"), title=f"{cfg.strategy} on {cfg.dataset}")
+    torch.save(
+        {"state": strategy.global_state(), "masks": strategy.masks, "config": cfg.as_dict()},
+        results.path.with_name("model.pt"),
+    )
+    plot_runs({cfg.strategy: results.data}, results.path.with_suffix(".png"), title=f"{cfg.strategy} on {cfg.dataset}")
     table = markdown_table({cfg.strategy: results.data})
     results.path.with_suffix(".md").write_text(table + "\n")
     log(INFO, "results: %s\n%s", results.path, table)

@@ -1,4 +1,4 @@
-"""The sparse strategy family on Flower's FedAvg: FedMef, FedTiny, FedDST, PQSU, FedAvg and FedDIP.
+"""The sparse strategy family on Flower's Strategy: FedMef, FedTiny, FedDST, PQSU, FedAvg and FedDIP.
 
 The server owns the global weights, the masks and every schedule. Each round it builds one message per
 sampled node (the mask travels only to nodes that do not hold the current version), checks every reply
@@ -14,35 +14,63 @@ example count and, in adjustment rounds, changes the structure:
 - FedAvg: dense.
 - FedDIP: clients train dense weights with error feedback and upload them; every reconfiguration
   interval the server prunes the average by global magnitude at the cubic schedule's sparsity.
+
+Each class registers itself under its entry of :data:`common.methods.METHODS`, which gives its training
+mode. :class:`SparseStrategy` subclasses Flower's ``Strategy`` directly: FedAvg's shared message,
+key-by-key averaging and metric aggregation are all replaced here, so it would give nothing. What a
+round accumulates lives in one :class:`RoundState`, from ``configure_train`` to :meth:`round_record`.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
-from typing import Callable, Iterable
+from typing import Any, ClassVar, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from common.adjustment import global_magnitude_masks, magnitude_masks_within, masked_average, prune_and_grow, \
-    sum_topk_gradients
-from common.config import RunConfig
-from common.masks import Masks, layer_sparsity, magnitude_masks, random_masks, sparsity
-from common.protocol import Instructions
-from common.schedules import adjust_counts, adjust_fraction, feddip_lambda, feddip_sparsity, is_adjustment_round, \
-    round_learning_rate
-from common.wire import ModelLayout, WireError, content_bytes, decode_positions, encode_masks, from_array_record, \
-    pack_values, to_array_record, unpack_values
+from common.methods import METHODS, Mode
+from common.protocol.config import RunConfig
+from common.protocol.instructions import Instructions
+from common.protocol.wire import (
+    ModelLayout,
+    WireError,
+    content_bytes,
+    decode_positions,
+    encode_masks,
+    from_array_record,
+    pack_values,
+    to_array_record,
+    unpack_values,
+)
+from common.pruning.adjustment import (
+    global_magnitude_masks,
+    magnitude_masks_within,
+    masked_average,
+    prune_and_grow,
+    sum_topk_gradients,
+)
+from common.pruning.masks import Distribution, Masks, layer_sparsity, magnitude_masks, random_masks, sparsity
+from common.pruning.schedules import (
+    adjust_counts,
+    adjust_fraction,
+    feddip_lambda,
+    feddip_sparsity,
+    is_adjustment_round,
+    round_learning_rate,
+)
 
-Evaluator = Callable[[dict[str, torch.Tensor], Masks], tuple[float, float]]
+# How long a round waits for enough nodes to connect before it gives up, and how often it looks.
+NODE_WAIT_POLL_S = 1.0
 
 
 @dataclass
@@ -57,16 +85,51 @@ class Contribution:
     metrics: dict
 
 
-class SparseStrategy(FedAvg):
-    """Common machinery; subclasses set the training mode and the structure policy."""
+@dataclass
+class RoundState:
+    """Everything one round accumulates, from ``configure_train`` to its results record."""
 
-    mode = "masked"
+    number: int
+    instructions: Instructions
+    started: float = field(default_factory=time.time)
+    sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (mask version, bytes down)
+    evaluated: dict[int, int] = field(default_factory=dict)  # node -> mask version sent to evaluate
+    received: list[int] = field(default_factory=list)  # bytes up of every reply with content
+    rejected: list[dict] = field(default_factory=list)
+    clients: list[dict] = field(default_factory=list)
+    client_eval: dict | None = None
+    sparsity: float | None = None
+    layer_sparsity: dict[str, float] | None = None
 
-    def __init__(self, cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None,
-                 on_round: Callable[[dict], None] | None = None):
-        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
-                         min_available_nodes=cfg.min_train_nodes)
+
+def _scalar(value: int | float | list[int] | list[float]) -> int | float:
+    """A scalar metric value; a list one raises TypeError, as ``int()`` / ``float()`` of it would."""
+    if isinstance(value, list):
+        raise TypeError(f"expected a number, got a list: {value!r}")
+    return value
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+class SparseStrategy(Strategy):
+    """Common machinery; subclasses register a method and set its structure policy."""
+
+    method: ClassVar[str]
+    mode: ClassVar[Mode]
+    registry: ClassVar[dict[str, type[SparseStrategy]]] = {}
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is None:  # an intermediate class shares a registered one's method
+            return
+        if method not in METHODS:
+            raise TypeError(f"{cls.__name__}: {method!r} is not in common.methods.METHODS")
+        cls.method, cls.mode = method, METHODS[method].mode
+        SparseStrategy.registry[method] = cls
+
+    def __init__(self, cfg: RunConfig, template: nn.Module):
         self.cfg = cfg
         self.layout = ModelLayout.of(template)
         full = template.state_dict()
@@ -76,36 +139,55 @@ class SparseStrategy(FedAvg):
         self._prune_state()
         self.mask_version = 0
         self.node_versions: dict[int, int] = {}  # the mask version each node acknowledged
-        self.evaluator = evaluator
-        self.on_round = on_round
-        self.record: dict = {}
-        self._sent: dict[int, tuple[int, int]] = {}  # node -> (mask version sent, bytes sent)
-        self.dense_bytes = 2 * content_bytes(RecordDict({"model": to_array_record(
-            pack_values(self.state, self.layout, None))}))
+        self.round: RoundState | None = None
+        self._arrays: ArrayRecord | None = None  # the global model as last handed to Flower
+        self.dense_bytes = 2 * content_bytes(
+            RecordDict({"model": to_array_record(pack_values(self.state, self.layout, None))})
+        )
 
     # ---------------------------------------------------------------- policy hooks
 
     def initial_masks(self) -> Masks:
         """Algorithm 1, line 2: random masks at ``s_tm`` with ERK (or uniform) layer densities."""
-        return random_masks(self.layout.masked_shapes, self.cfg.param_sparsity, self.cfg.density, self.generator)
+        # cfg.density is a str that parse_run_config has checked is one of Distribution's values
+        density = cast(Distribution, self.cfg.density)
+        return random_masks(self.layout.masked_shapes, self.cfg.param_sparsity, density, self.generator)
 
     def instructions(self, server_round: int) -> Instructions:
         cfg = self.cfg
         return Instructions(
-            server_round=server_round, model=cfg.model, norm=cfg.resolved_norm,
-            s_ta=cfg.s_ta if cfg.sap_on else -1.0, gamma=cfg.gamma, mode=self.mode,
-            mask_version=self.mask_version, lr=round_learning_rate(cfg.lr, cfg.lr_decay, server_round), eta0=cfg.lr,
-            momentum=cfg.momentum, weight_decay=cfg.weight_decay, local_epochs=cfg.local_epochs,
-            max_local_steps=cfg.max_local_steps, batch_size=cfg.batch_size, seed=cfg.seed * 100_003 + server_round,
-            counts=[], bae=False, bae_lambda=cfg.bae_lambda, topk=False, grad_batches=cfg.grad_batches,
-            adjust_local=False, reg_lambda=0.0)
+            server_round=server_round,
+            model=cfg.model,
+            norm=cfg.resolved_norm,
+            s_ta=cfg.s_ta if cfg.sap_on else -1.0,
+            gamma=cfg.gamma,
+            mode=self.mode,
+            mask_version=self.mask_version,
+            lr=round_learning_rate(cfg.lr, cfg.lr_decay, server_round),
+            eta0=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            local_epochs=cfg.local_epochs,
+            max_local_steps=cfg.max_local_steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed * 100_003 + server_round,
+            counts=[],
+            bae=False,
+            bae_lambda=cfg.bae_lambda,
+            topk=False,
+            grad_batches=cfg.grad_batches,
+            adjust_local=False,
+            reg_lambda=0.0,
+        )
 
     def adjustment_counts(self, server_round: int) -> list[int]:
         """ξ_l per masked layer in an adjustment round (cosine schedule of §4.1), else empty."""
         cfg = self.cfg
         if not is_adjustment_round(server_round, cfg.delta_r, cfg.r_stop):
             return []
-        counts = adjust_counts(self.masks, adjust_fraction(server_round, cfg.local_epochs, cfg.r_stop, cfg.adjust_alpha))
+        counts = adjust_counts(
+            self.masks, adjust_fraction(server_round, cfg.local_epochs, cfg.r_stop, cfg.adjust_alpha)
+        )
         return [counts[name] for name, _ in self.layout.masked] if any(counts.values()) else []
 
     def restructure(self, server_round: int, ins: Instructions, contributions: list[Contribution]) -> bool:
@@ -114,42 +196,46 @@ class SparseStrategy(FedAvg):
 
     # ---------------------------------------------------------------- Flower's strategy interface
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.record = {"round": server_round, "started": time.time(), "rejected": [], "clients": []}
-        self._sent = {}
-        self._ins = self.instructions(server_round)
-        self.record["adjusted"] = self._ins.adjusting
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        return [self.message_for(node, self._ins, MessageType.TRAIN) for node in node_ids]
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node. ``arrays`` other than the strategy's own last model (a
+        checkpoint handed to ``start``) become the global weights; ``config`` is unused: every setting
+        comes from the run config, through :meth:`instructions`."""
+        self.adopt(arrays)
+        ins = self.instructions(server_round)
+        self.round = RoundState(server_round, ins)
+        node_ids = self.sample(grid, self.cfg.fraction_train)
+        return [self.message_for(node, ins, MessageType.TRAIN) for node in node_ids]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        ins = self._ins
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        state = self._current_round(server_round)
+        ins = state.instructions
         accepted: list[Contribution] = []
-        received: list[int] = []  # bytes of every reply with content, accepted or not
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self._reject(node, f"client error: {reply.error.reason}")
                 continue
             up = content_bytes(reply.content)
-            received.append(up)
+            state.received.append(up)
             try:
                 contribution = self.read_reply(node, reply.content, ins)
             except (WireError, KeyError, TypeError, ValueError) as exc:
                 self._reject(node, f"malformed reply: {exc}")
                 continue
-            contribution.metrics.update(bytes_down=self._sent[node][1], bytes_up=up)
+            contribution.metrics.update(bytes_down=state.sent[node][1], bytes_up=up)
             accepted.append(contribution)
-            self.node_versions[node] = self._sent[node][0]
-        down = [sent for _, sent in self._sent.values()]
-        self.record.update(bytes_down=_mean(down), bytes_up=_mean(received), dense_bytes_per_client=float(self.dense_bytes),
-                           clients=[{"node_id": c.node_id, **c.metrics} for c in accepted])
-        self.record["bytes_per_client"] = self.record["bytes_down"] + self.record["bytes_up"]
-        log(INFO, "round %d bytes per client (down/up): %s", server_round,
-            ", ".join(f"{c.node_id}: {c.metrics['bytes_down']}/{c.metrics['bytes_up']}" for c in accepted))
+            self.node_versions[node] = state.sent[node][0]
+        state.clients = [{"node_id": c.node_id, **c.metrics} for c in accepted]
+        log(
+            INFO,
+            "round %d bytes per client (down/up): %s",
+            server_round,
+            ", ".join(f"{c.node_id}: {c.metrics['bytes_down']}/{c.metrics['bytes_up']}" for c in accepted),
+        )
         if not accepted:
             log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
             return None, None
@@ -157,45 +243,83 @@ class SparseStrategy(FedAvg):
         if self.restructure(server_round, ins, accepted):
             self.mask_version += 1
         self._prune_state()
-        self.record.update(sparsity=sparsity(self.masks), layer_sparsity=layer_sparsity(self.masks))
+        state.sparsity, state.layer_sparsity = sparsity(self.masks), layer_sparsity(self.masks)
         total = sum(c.examples for c in accepted)
         loss = sum(c.metrics["loss"] * c.examples for c in accepted) / total
-        return self.global_arrays(), MetricRecord({"train-loss": loss, "num-examples": total,
-                                                  "clients": len(accepted)})
+        return self.global_arrays(), MetricRecord({"train-loss": loss, "num-examples": total, "clients": len(accepted)})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.cfg.fraction_evaluate == 0.0:
             return []
+        state = self._current_round(server_round)
         ins = self.instructions(server_round)
-        return [self.message_for(node, ins, MessageType.EVALUATE)
-                for node in self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)]
+        messages = [
+            self.message_for(node, ins, MessageType.EVALUATE) for node in self.sample(grid, self.cfg.fraction_evaluate)
+        ]
+        state.evaluated = {m.metadata.dst_node_id: ins.mask_version for m in messages}
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        """The clients' validation metrics, averaged with their example counts as weights."""
+        state = self._current_round(server_round)
+        metrics: list[MetricRecord] = []
         for reply in replies:
-            if not reply.has_error():
-                self.node_versions[reply.metadata.src_node_id] = self._sent[reply.metadata.src_node_id][0]
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.record["client_eval"] = dict(metrics)
-        return metrics
-
-    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Centralised evaluation on the test set; closes the round's record (Flower calls it last)."""
-        if self.evaluator is None:
+            if reply.has_error():
+                log(
+                    WARNING,
+                    "round %d: evaluation on node %d failed: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            self.node_versions[reply.metadata.src_node_id] = state.evaluated[reply.metadata.src_node_id]
+            metrics.append(reply.content.metric_records["metrics"])
+        total = sum(int(_scalar(m["num-examples"])) for m in metrics)
+        if not total:
             return None
-        start = time.perf_counter()
-        loss, accuracy = self.evaluator(self.global_state(), self.masks)
-        metrics = MetricRecord({"test-loss": loss, "test-acc": accuracy})
-        if server_round > 0 and self.record.get("round") == server_round:
-            self.record.update(accuracy=accuracy, loss=loss, eval_time_s=time.perf_counter() - start,
-                               round_time_s=time.time() - self.record.pop("started"))
-            if self.on_round is not None:
-                self.on_round(self.record)
-        elif server_round == 0 and self.on_round is not None:
-            self.on_round({"round": 0, "accuracy": accuracy, "loss": loss, "sparsity": sparsity(self.masks)})
-        return metrics
+        keys = [k for k in metrics[0] if k != "num-examples"]
+        averaged = MetricRecord(
+            {k: sum(float(_scalar(m[k])) * int(_scalar(m["num-examples"])) for m in metrics) / total for k in keys}
+        )
+        state.client_eval = {**averaged, "num-examples": total}
+        return averaged
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "%s: %d masked layers, sparsity %.4f, mask version %d, dense model %d bytes per client-round",
+            type(self).__name__,
+            len(self.masks),
+            sparsity(self.masks),
+            self.mask_version,
+            self.dense_bytes,
+        )
+
+    def round_record(self) -> dict:
+        """The current round as the results log stores it: bytes, clients, rejections, structure."""
+        state = self.round
+        if state is None:
+            raise RuntimeError("no round has been configured yet")
+        down = _mean([sent for _, sent in state.sent.values()])
+        record = {
+            "round": state.number,
+            "adjusted": state.instructions.adjusting,
+            "rejected": list(state.rejected),
+            "clients": list(state.clients),
+            "bytes_down": down,
+            "bytes_up": _mean(state.received),
+            "dense_bytes_per_client": float(self.dense_bytes),
+            "bytes_per_client": down + _mean(state.received),
+            "round_time_s": time.time() - state.started,
+        }
+        if state.sparsity is not None:
+            record.update(sparsity=state.sparsity, layer_sparsity=state.layer_sparsity)
+        if state.client_eval is not None:
+            record["client_eval"] = state.client_eval
+        return record
 
     # ---------------------------------------------------------------- aggregation
 
@@ -208,25 +332,38 @@ class SparseStrategy(FedAvg):
         loss = metrics.get("train-loss")
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise WireError(f"train-loss must be a finite float, got {loss!r}")
-        arrays = from_array_record(content["model"])
+        arrays = from_array_record(content.array_records["model"])
         masks = self.reply_masks(content, ins)
         state = unpack_values(arrays, self.layout, None if self.mode != "masked" else (masks or self.masks))
         topk = None
         if ins.topk and ins.adjusting:
             if "topk" not in content:
                 raise WireError("an adjustment round's reply lacks its top-K gradients")
-            topk = {name: (idx, val) for name, (idx, val) in
-                    decode_positions(from_array_record(content["topk"]), self.layout, "topk", True).items()}
-            for (name, (idx, _)), count in zip(topk.items(), ins.counts):
+            topk = {
+                # with_values=True: every layer comes with its values, never None
+                name: (idx, cast(torch.Tensor, val))
+                for name, (idx, val) in decode_positions(
+                    from_array_record(content.array_records["topk"]), self.layout, "topk", True
+                ).items()
+            }
+            for (name, (idx, _)), count in zip(topk.items(), ins.counts, strict=True):
                 if idx.numel() > count or bool(self.masks[name].reshape(-1)[idx].any()):
                     raise WireError(f"top-K of {name!r}: more than {count} entries or an active position")
-        client_metrics = {
-            "partition_id": metrics.get("partition-id"), "examples": examples, "loss": metrics["train-loss"],
-            "train_time_s": metrics.get("train-time-s"), "cpu_time_s": metrics.get("cpu-time-s"),
-            "peak_rss_mb": metrics.get("peak-rss-mb"), "rss_mb": metrics.get("rss-mb"),
-            "activation_bytes": metrics.get("activation-bytes"), "steps": metrics.get("steps"),
-            "bae_marked": metrics.get("bae-marked"), "bae_norm_start": metrics.get("bae-norm-start"),
-            "bae_norm_end": metrics.get("bae-norm-end"), "batch_size": metrics.get("batch-size")}
+        client_metrics: dict[str, Any] = {
+            "partition_id": metrics.get("partition-id"),
+            "examples": examples,
+            "loss": metrics["train-loss"],
+            "train_time_s": metrics.get("train-time-s"),
+            "cpu_time_s": metrics.get("cpu-time-s"),
+            "peak_rss_mb": metrics.get("peak-rss-mb"),
+            "rss_mb": metrics.get("rss-mb"),
+            "activation_bytes": metrics.get("activation-bytes"),
+            "steps": metrics.get("steps"),
+            "bae_marked": metrics.get("bae-marked"),
+            "bae_norm_start": metrics.get("bae-norm-start"),
+            "bae_norm_end": metrics.get("bae-norm-end"),
+            "batch_size": metrics.get("batch-size"),
+        }
         if "device" in content:
             client_metrics["device"] = dict(content["device"])
         return Contribution(node, examples, state, masks, topk, client_metrics)
@@ -248,42 +385,86 @@ class SparseStrategy(FedAvg):
         return {name: t * self.masks[name] if name in self.masks else t for name, t in self.state.items()}
 
     def global_arrays(self) -> ArrayRecord:
-        return ArrayRecord({name: t.contiguous() for name, t in self.global_state().items()})
+        """The global model as Flower carries it; the same object until the model changes."""
+        if self._arrays is None:
+            self._arrays = ArrayRecord({name: t.contiguous() for name, t in self.global_state().items()})
+        return self._arrays
+
+    def adopt(self, arrays: ArrayRecord) -> None:
+        """Make ``arrays`` the global weights unless they are the strategy's own last model.
+
+        The keys and shapes must be the model's; pruned positions are zeroed under the current masks.
+        """
+        if arrays is self._arrays:
+            return
+        shapes = dict(self.layout.masked + self.layout.dense)
+        given = {name: tuple(arrays[name].shape) for name in arrays} if arrays is not None else {}
+        if given != {name: tuple(shape) for name, shape in shapes.items()}:
+            raise ValueError(
+                "the arrays handed to the strategy are not this model's: expected "
+                f"{len(shapes)} tensors named as in the model, got {sorted(given)[:5]}..."
+            )
+        for name in shapes:
+            value = torch.from_numpy(arrays[name].numpy().copy()).float()
+            if not torch.isfinite(value).all():
+                raise ValueError(f"the arrays handed to the strategy hold NaN or Inf in {name!r}")
+            self.state[name] = value
+        self._prune_state()
 
     def _prune_state(self) -> None:
+        self._arrays = None
         for name, mask in self.masks.items():
             if self.mode == "masked":
                 self.state[name] = self.state[name] * mask
 
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        available = len(list(grid.get_node_ids()))
-        size = max(int(available * fraction), minimum)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
-        return node_ids
+    def sample(self, grid: Grid, fraction: float) -> list[int]:
+        """``max(fraction × connected, min-train-nodes)`` nodes at random, once that many are connected.
+
+        Waits at most ``round-timeout`` seconds for them, then raises with what it saw.
+        """
+        minimum = self.cfg.min_train_nodes
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while len(nodes := list(grid.get_node_ids())) < minimum:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} of the min-train-nodes = {minimum} nodes connected within "
+                    f"round-timeout = {self.cfg.round_timeout:.0f} s: start more SuperNodes or "
+                    "lower min-train-nodes"
+                )
+            log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+            time.sleep(NODE_WAIT_POLL_S)
+        size = max(int(len(nodes) * fraction), minimum)
+        return random.sample(nodes, size)  # the ServerApp seeds `random` with the run's seed
 
     def message_for(self, node: int, ins: Instructions, message_type: str) -> Message:
         """The message for one node: its instructions, the model's values and, if stale, the mask."""
         sparse = self.mode != "dense"
-        content = RecordDict({
-            "train": ConfigRecord(ins.to_config()),
-            "model": to_array_record(pack_values(self.global_state(), self.layout, self.masks if sparse else None)),
-        })
+        content = RecordDict(
+            {
+                "train": ConfigRecord(ins.to_config()),
+                "model": to_array_record(pack_values(self.global_state(), self.layout, self.masks if sparse else None)),
+            }
+        )
         if sparse and self.node_versions.get(node) != self.mask_version:
             content["masks"] = to_array_record({"bits": encode_masks(self.masks, self.layout)})
-        self._sent[node] = (self.mask_version, content_bytes(content))
+        if message_type == MessageType.TRAIN and self.round is not None:
+            self.round.sent[node] = (self.mask_version, content_bytes(content))
         return Message(content=content, dst_node_id=node, message_type=message_type)
 
+    def _current_round(self, server_round: int) -> RoundState:
+        if self.round is None or self.round.number != server_round:
+            raise RuntimeError(f"round {server_round} was not configured by this strategy's configure_train")
+        return self.round
+
     def _reject(self, node: int, reason: str) -> None:
-        log(WARNING, "round %s: reply from node %d rejected: %s", self.record.get("round"), node, reason)
-        self.record["rejected"].append({"node_id": node, "reason": reason})
+        number = self.round.number if self.round is not None else "?"
+        log(WARNING, "round %s: reply from node %d rejected: %s", number, node, reason)
+        if self.round is not None:
+            self.round.rejected.append({"node_id": node, "reason": reason})
         self.node_versions.pop(node, None)  # resend the mask next time, whatever the node holds
 
 
-def _mean(values: list[int]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-class FedMef(SparseStrategy):
+class FedMef(SparseStrategy, method="fedmef"):
     """Random prune, BaE + SAP on the clients, top-K gradients, server prune/grow (Algorithm 1)."""
 
     def instructions(self, server_round: int) -> Instructions:
@@ -295,21 +476,30 @@ class FedMef(SparseStrategy):
         if not ins.adjusting:
             return False
         total = sum(c.examples for c in contributions)
-        scores = sum_topk_gradients([(c.examples / total, c.topk) for c in contributions], self.layout.masked_shapes)
-        counts = dict(zip(self.masks, ins.counts))
+        # read_reply rejects a reply without top-K gradients in an adjustment round, so no c.topk is None here
+        weighted = [
+            (c.examples / total, cast(dict[str, tuple[torch.Tensor, torch.Tensor]], c.topk)) for c in contributions
+        ]
+        scores = sum_topk_gradients(weighted, self.layout.masked_shapes)
+        counts = dict(zip(self.masks, ins.counts, strict=True))
         weights = {name: self.state[name] for name in self.masks}
         self.masks, new_weights = prune_and_grow(weights, self.masks, scores, counts)
         self.state.update(new_weights)
-        log(INFO, "round %d: pruned and grew %d weights per adjustment (sparsity %.4f)", server_round,
-            sum(counts.values()), sparsity(self.masks))
+        log(
+            INFO,
+            "round %d: pruned and grew %d weights per adjustment (sparsity %.4f)",
+            server_round,
+            sum(counts.values()),
+            sparsity(self.masks),
+        )
         return True
 
 
-class FedTiny(FedMef):
+class FedTiny(FedMef, method="fedtiny"):
     """FedMef's server-side adjustment without BaE and SAP, on the BatchNorm model (config defaults)."""
 
 
-class FedDST(SparseStrategy):
+class FedDST(SparseStrategy, method="feddst"):
     """Clients prune/grow locally mid-round; the server averages over keepers, unions and re-prunes."""
 
     def instructions(self, server_round: int) -> Instructions:
@@ -321,7 +511,7 @@ class FedDST(SparseStrategy):
             return None
         if "flips" not in content:
             raise WireError("an adjustment round's reply lacks its mask flips")
-        flips = decode_positions(from_array_record(content["flips"]), self.layout, "flips", False)
+        flips = decode_positions(from_array_record(content.array_records["flips"]), self.layout, "flips", False)
         masks: Masks = {}
         for name, mask in self.masks.items():
             flat = mask.reshape(-1).clone()
@@ -335,44 +525,45 @@ class FedDST(SparseStrategy):
         if all(c.masks is None for c in contributions):
             return super().aggregate(contributions)
         total = sum(c.examples for c in contributions)
-        weighted = [(c.examples / total, {n: c.state[n] for n in self.masks}, c.masks or self.masks)
-                    for c in contributions]
+        weighted = [
+            (c.examples / total, {n: c.state[n] for n in self.masks}, c.masks or self.masks) for c in contributions
+        ]
         averaged, union = masked_average(weighted)
         keep = {name: int(mask.sum()) for name, mask in self.masks.items()}
         self.masks = magnitude_masks_within(averaged, union, keep)
         for name in self.state:
-            self.state[name] = averaged[name] if name in averaged else \
-                sum(c.state[name] * (c.examples / total) for c in contributions)
+            self.state[name] = (
+                averaged[name] if name in averaged else sum(c.state[name] * (c.examples / total) for c in contributions)
+            )
 
     def restructure(self, server_round: int, ins: Instructions, contributions: list[Contribution]) -> bool:
         return ins.adjusting
 
 
-class PQSU(SparseStrategy):
+class PQSU(SparseStrategy, method="pqsu"):
     """FL-PQSU: one L1-magnitude prune of the initial model on the server, then a static mask."""
 
     def initial_masks(self) -> Masks:
         weights = {name: self.state[name] for name, _ in self.layout.masked}
-        return magnitude_masks(weights, self.cfg.param_sparsity, self.cfg.density)
+        # cfg.density is a str that parse_run_config has checked is one of Distribution's values
+        return magnitude_masks(weights, self.cfg.param_sparsity, cast(Distribution, self.cfg.density))
 
 
-class DenseFedAvg(SparseStrategy):
+class DenseFedAvg(SparseStrategy, method="fedavg"):
     """FedAvg on the dense model: every weight travels both ways."""
-
-    mode = "dense"
 
     def initial_masks(self) -> Masks:
         return {name: torch.ones(shape, dtype=torch.bool) for name, shape in self.layout.masked}
 
 
-class FedDIP(SparseStrategy):
+class FedDIP(SparseStrategy, method="feddip"):
     """FedDIP: ERK-random start at s0, error feedback, incremental regularisation, global magnitude
     reconfiguration on the cubic sparsity schedule; dense uploads."""
 
-    mode = "error-feedback"
-
     def initial_masks(self) -> Masks:
-        return random_masks(self.layout.masked_shapes, self.cfg.feddip_s0, self.cfg.density, self.generator)
+        # cfg.density is a str that parse_run_config has checked is one of Distribution's values
+        density = cast(Distribution, self.cfg.density)
+        return random_masks(self.layout.masked_shapes, self.cfg.feddip_s0, density, self.generator)
 
     def instructions(self, server_round: int) -> Instructions:
         cfg = self.cfg
@@ -388,12 +579,10 @@ class FedDIP(SparseStrategy):
         return True
 
 
-STRATEGIES: dict[str, type[SparseStrategy]] = {
-    "fedmef": FedMef, "fedtiny": FedTiny, "feddst": FedDST, "pqsu": PQSU, "fedavg": DenseFedAvg, "feddip": FedDIP,
-}
+def make_strategy(cfg: RunConfig, template: nn.Module) -> SparseStrategy:
+    return SparseStrategy.registry[cfg.strategy](cfg, template)
 
 
-def make_strategy(cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None,
-                  on_round: Callable[[dict], None] | None = None) -> SparseStrategy:
-    return STRATEGIES[cfg.strategy](cfg, template, evaluator, on_round)
-
+missing = set(METHODS) - set(SparseStrategy.registry)
+if missing:  # a new entry in the table of methods without its class would fail only when chosen
+    raise ImportError(f"methods without a strategy class in server.strategy: {sorted(missing)}")

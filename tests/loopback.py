@@ -7,7 +7,7 @@ reply, as a SuperNode would. A ``tamper`` hook can rewrite replies to test how t
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -28,9 +28,13 @@ class LoopbackGrid:
     def __init__(self, num_nodes: int, run_config: dict, tamper: Callable[[int, Message], Message] | None = None):
         set_task_identity()
         self.contexts = {
-            node_id: Context(run_id=RUN_ID, node_id=node_id,
-                             node_config={"partition-id": i, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config=dict(run_config))
+            node_id: Context(
+                run_id=RUN_ID,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
             for i, node_id in enumerate(range(101, 101 + num_nodes))
         }
         self.tamper = tamper

@@ -1,4 +1,4 @@
-"""Tests for common.accounting: per-layer profiles and the FedMef appendix 7.2 / 7.3 estimates."""
+"""Tests for common.measure.accounting: per-layer profiles and the FedMef appendix 7.2 / 7.3 estimates."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from common import masks as M
-from common.accounting import (
+from common.measure.accounting import (
     LayerCost,
     SavedTensorMeter,
     estimate_flops,
@@ -17,8 +16,10 @@ from common.accounting import (
     profile_layers,
     sparse_bytes,
 )
-from common.layers import SparseConv2d, SparseLinear
-from common.models import build_model
+from common.methods import METHODS
+from common.nn.layers import SparseConv2d, SparseLinear
+from common.nn.models import build_model
+from common.pruning import masks as M
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -81,10 +82,12 @@ def test_estimate_memory_known_answer():
     assert est.dense_activations == 40_000
     assert est.sparse_activations == 5750  # COO: 1000 * (14 + 32) bits
     assert est.topk == 320  # floor(0.4 * 100) (value, int32 index) pairs
-    assert est.fedavg == 2 * 4000 + 2 * 40_000
-    assert est.pqsu == 2 * 525 + 2 * 40_000
-    assert est.fedtiny == 2 * 525 + 2 * 40_000 + 320
-    assert est.fedmef == 2 * 525 + 5750 + 40_000 + 320
+    assert est.footprint(METHODS["fedavg"]) == 2 * 4000 + 2 * 40_000
+    assert est.footprint(METHODS["pqsu"]) == 2 * 525 + 2 * 40_000
+    assert est.footprint(METHODS["fedtiny"]) == 2 * 525 + 2 * 40_000 + 320
+    assert est.footprint(METHODS["feddst"]) == est.footprint(METHODS["fedtiny"])
+    assert est.footprint(METHODS["fedmef"]) == 2 * 525 + 5750 + 40_000 + 320
+    assert est.footprint(METHODS["fedmef"], sap=False) == est.footprint(METHODS["fedtiny"])
 
 
 def test_estimate_memory_ordering_on_sparse_sap_model():
@@ -92,8 +95,9 @@ def test_estimate_memory_ordering_on_sparse_sap_model():
     M.load_masks(model, M.random_masks(M.weight_shapes(model), 0.9))
     costs = profile_layers(model, torch.randn(4, 1, 28, 28))
     est = estimate_memory(costs, act_sparsity=0.9)
-    assert est.fedavg > est.fedtiny > est.fedmef
-    assert est.fedavg > est.pqsu
+    fedavg, fedtiny, fedmef, pqsu = (est.footprint(METHODS[m]) for m in ("fedavg", "fedtiny", "fedmef", "pqsu"))
+    assert fedavg > fedtiny > fedmef
+    assert fedavg > pqsu
     assert est.sparse_activations < 0.2 * est.dense_activations
     assert est.sparse_params < 0.2 * est.dense_params
     assert est.dense_activations == 4 * sum(c.input_numel for c in costs)

@@ -1,4 +1,4 @@
-"""Tests for common.adjustment: summing top-K gradients, server/FedDST prune-and-grow (FedMef Alg. 1,
+"""Tests for common.pruning.adjustment: summing top-K gradients, server/FedDST prune-and-grow (FedMef Alg. 1,
 lines 26-34), FedDST's masked average and re-prune, FedDIP's global magnitude masks. Includes the
 two bugs of FedDST's official code: growing over all weights and applying the adjust rate twice."""
 
@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.adjustment import (
+from common.pruning.adjustment import (
     global_magnitude_masks,
     magnitude_masks_within,
     masked_average,
     prune_and_grow,
     sum_topk_gradients,
 )
-from common.masks import _keep_count
-from common.topk import topk_pruned_gradients
+from common.pruning.masks import _keep_count
+from common.pruning.topk import topk_pruned_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -41,7 +41,7 @@ def test_sum_topk_gradients_round_trip_from_clients():
     entries = [topk_pruned_gradients({"w": g}, masks, {"w": 4}) for g in grads]
     out = sum_topk_gradients([(0.4, entries[0]), (0.6, entries[1])], {"w": (6, 5)})["w"]
     expected = torch.zeros(30)
-    for weight, entry in zip((0.4, 0.6), entries):
+    for weight, entry in zip((0.4, 0.6), entries, strict=True):
         idx, val = entry["w"]
         expected[idx] += weight * val
     assert torch.allclose(out.reshape(-1), expected)
@@ -194,8 +194,8 @@ def test_global_magnitude_keeps_exact_count(sparsity):
     masks = global_magnitude_masks(weights, sparsity)
     total = sum(w.numel() for w in weights.values())
     assert sum(int(m.sum()) for m in masks.values()) == _keep_count(1.0 - sparsity, total)
-    kept = torch.cat([w[m].abs() for w, m in zip(weights.values(), masks.values())])
-    dropped = torch.cat([w[~m].abs() for w, m in zip(weights.values(), masks.values())])
+    kept = torch.cat([w[m].abs() for w, m in zip(weights.values(), masks.values(), strict=True)])
+    dropped = torch.cat([w[~m].abs() for w, m in zip(weights.values(), masks.values(), strict=True)])
     if kept.numel() and dropped.numel():
         assert kept.min() >= dropped.max()
     assert all(masks[n].shape == w.shape and masks[n].dtype == torch.bool for n, w in weights.items())

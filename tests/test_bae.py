@@ -1,4 +1,4 @@
-"""Tests for common.bae: budget-aware extrusion (FedMef §3.3, eq. 2-4). The first test fails on the
+"""Tests for common.pruning.bae: budget-aware extrusion (FedMef §3.3, eq. 2-4). The first test fails on the
 public port, whose marks were the pruned zeros and whose penalty and lr boost were therefore 0."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.bae import budget_lr, extrusion_penalty, mark_low, marked_norm
+from common.pruning.bae import budget_lr, extrusion_penalty, mark_low, marked_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
+import io
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 import torch.nn.functional as F
+from flwr.cli.build import build_fab_from_files
 
-from common import bitkernels, sap
-from common.layers import set_activation_sparsity
-from common.models import build_model
-from common.sap import bitmask_relu, compress_activation
-from common.sparse_codec import CodecError, EncodedTensor, SparseFormat, decode, encode_above, pack_bits, unpack_bits
+from common.nn import bitkernels, sap
+from common.nn.layers import set_activation_sparsity
+from common.nn.models import build_model
+from common.nn.sap import bitmask_relu, compress_activation
+from common.sparse.bits import pack_bits, unpack_bits
+from common.sparse.codec import CodecError, EncodedTensor, decode, encode_above
+from common.sparse.sizes import SparseFormat
 
 native = pytest.mark.skipif(bitkernels.library() is None, reason=f"no native kernels: {bitkernels.status()}")
 
@@ -142,7 +152,9 @@ def test_bitmap_decode_errors_are_codec_errors_on_both_paths(fast, monkeypatch):
         monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
     keep = torch.arange(20) % 3 == 0
     bitmap = pack_bits(keep)
-    good = EncodedTensor(SparseFormat.BITMAP, (20,), torch.float32, int(keep.sum()), torch.ones(int(keep.sum())), bitmap)
+    good = EncodedTensor(
+        SparseFormat.BITMAP, (20,), torch.float32, int(keep.sum()), torch.ones(int(keep.sum())), bitmap
+    )
     assert torch.equal(decode(good), keep.float())
     lying = EncodedTensor(SparseFormat.BITMAP, (20,), torch.float32, 2, torch.ones(2), bitmap)
     with pytest.raises(CodecError, match="bitmap marks 7 entries but nnz=2"):
@@ -201,7 +213,7 @@ def test_compress_activation_uses_the_kernels_when_loaded(monkeypatch):
 
 
 def _status_in_subprocess(env: dict) -> str:
-    code = "from common import bitkernels; print(bitkernels.library() is None, bitkernels.status())"
+    code = "from common.nn import bitkernels; print(bitkernels.library() is None, bitkernels.status())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return done.stdout.strip()
 
@@ -221,3 +233,74 @@ def test_kernels_build_into_the_cache_dir(tmp_path):
     assert out.startswith("False native (") and str(tmp_path) in out
     assert len(list(tmp_path.glob("bitkernels-*.so"))) == 1
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # the build directory was removed
+
+
+def test_the_fab_bundle_holds_exactly_the_c_source():
+    """bitkernels.c.json, the copy a Flower app bundle carries, is the text of bitkernels.c."""
+    expected = bitkernels.bundle_text(bitkernels.C_SOURCE.read_text(encoding="utf-8"))
+    assert bitkernels.BUNDLE.read_text(encoding="utf-8") == expected, (
+        f"{bitkernels.BUNDLE.name} is stale: run `make kernels` (python -m common.nn.bitkernels --bundle)"
+    )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")  # flwr's own pathspec usage, once per file
+def test_a_flower_app_bundle_carries_the_json_copy_and_not_the_c_file():
+    """Why the copy exists: Flower's FAB filter drops .c files, and a Pi's ClientApp has only the FAB."""
+    root = Path(bitkernels.__file__).parents[2]
+    files = [root / "pyproject.toml", Path(bitkernels.__file__), bitkernels.C_SOURCE, bitkernels.BUNDLE]
+    fab = build_fab_from_files({path.relative_to(root).as_posix(): path for path in files})[0]
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "common/nn/bitkernels.c.json" in names and "common/nn/bitkernels.c" not in names
+
+
+def _load_copy(directory: Path, *sources: Path) -> ModuleType:
+    """A fresh copy of the bitkernels module in ``directory``, with only ``sources`` beside it."""
+    directory.mkdir(exist_ok=True)
+    for path in (Path(bitkernels.__file__), *sources):
+        shutil.copy(path, directory / path.name)
+    spec = importlib.util.spec_from_file_location(f"bitkernels_in_{directory.name}", directory / "bitkernels.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@native
+def test_kernels_build_from_the_bundle_alone_under_the_same_cache_key(tmp_path, monkeypatch):
+    """As in a FAB, only bitkernels.c.json beside the module: the kernels build, under the key that
+    bitkernels.c gives, and match torch bit for bit."""
+    monkeypatch.setenv("FEDMEF_CACHE", str(tmp_path / "cache"))
+    from_bundle = _load_copy(tmp_path / "fab", bitkernels.BUNDLE)
+    assert from_bundle.library() is not None, from_bundle.status()
+    from_c = _load_copy(tmp_path / "checkout", bitkernels.C_SOURCE)
+    assert from_c.library() is not None and from_c.status() == from_bundle.status()  # the same .so path
+    assert len(list((tmp_path / "cache").glob("bitkernels-*.so"))) == 1  # built once
+
+    n = 3 * 32768 + 5
+    x = _awkward(n, 17) * 4
+    keep = x.abs() > 1.0
+    bitmap, counts, kept = from_bundle.select_above(x, 1.0)
+    assert torch.equal(bitmap, pack_bits(keep)) and kept == int(keep.sum())
+    gathered = from_bundle.gather(x, bitmap, counts, kept)
+    assert _same(gathered, x[keep])
+    assert _same(from_bundle.scatter(gathered, bitmap, n), torch.where(keep, x, torch.zeros(())))
+    out, passes = from_bundle.relu_pack(x, 6.0)
+    assert _same(out, x.clamp(0, 6.0)) and torch.equal(passes, pack_bits((x > 0) & (x < 6.0)))
+    grad = _awkward(n, 18)
+    assert _same(from_bundle.mask_grad(grad, passes), torch.where(unpack_bits(passes, n), grad, torch.zeros(())))
+
+
+@pytest.mark.parametrize("bundle", ["corrupt", "missing"])
+def test_without_a_sound_source_the_kernels_fall_back_to_torch(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMEF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEDMEF_NATIVE", raising=False)
+    if bundle == "corrupt":
+        edited = json.loads(bitkernels.BUNDLE.read_text(encoding="utf-8"))
+        edited["source"] += "/* edited without regenerating the hash */\n"
+        (tmp_path / "fab").mkdir()
+        (tmp_path / "fab" / bitkernels.BUNDLE.name).write_text(json.dumps(edited), encoding="utf-8")
+    module = _load_copy(tmp_path / "fab")
+    assert module.library() is None
+    assert module.status().startswith("torch (no kernel source:"), module.status()
+    assert ("sha256" if bundle == "corrupt" else "No such file") in module.status()
+    assert not (tmp_path / "cache").exists()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, parse_run_config
+from common.protocol.config import ConfigError, RunConfig, parse_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,9 +49,17 @@ def test_every_problem_is_reported_at_once_with_a_hint():
         assert fragment in text
 
 
-@pytest.mark.parametrize("bad", [{"bae": "on", "strategy": "feddst"}, {"dataset": "cinic10"},
-                                 {"feddip-s0": 0.95, "strategy": "feddip"}, {"lr-decay": 0.0},
-                                 {"batch-size": True}, {"adjust-alpha": 0.6}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"bae": "on", "strategy": "feddst"},
+        {"dataset": "cinic10"},
+        {"feddip-s0": 0.95, "strategy": "feddip"},
+        {"lr-decay": 0.0},
+        {"batch-size": True},
+        {"adjust-alpha": 0.6},
+    ],
+)
 def test_inconsistent_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         parse_run_config(bad)
@@ -59,3 +67,8 @@ def test_inconsistent_settings_are_refused(bad):
 
 def test_ints_are_accepted_for_floats():
     assert parse_run_config({"lr": 1}).lr == 1.0
+
+
+def test_run_config_defaults_are_the_apps_defaults():
+    # one set of defaults: a caller passing a partial mapping gets exactly what `flwr run` would
+    assert RunConfig().as_dict() == app_config()

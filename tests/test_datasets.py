@@ -1,4 +1,4 @@
-"""Tests for common.datasets on tiny synthetic files (downloads are served from local files)."""
+"""Tests for common.data.datasets on tiny synthetic files (downloads are served from local files)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-import common.datasets as datasets_module
-from common.datasets import (DataError, DataNotFound, download_dataset, load_cifar10, load_cinic10, load_dataset,
-                             load_fashion_mnist, load_tiny_imagenet)
+import common.data.datasets as datasets_module
+from common.data.datasets import (
+    DataError,
+    DataNotFound,
+    download_dataset,
+    load_cifar10,
+    load_cinic10,
+    load_dataset,
+    load_fashion_mnist,
+    load_tiny_imagenet,
+)
 
 FM_MEAN, FM_STD = 0.2860, 0.3530
 C10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -184,7 +192,7 @@ def test_cifar10_python_pickles(tmp_path):
     batches = tmp_path / "cifar-10-batches-py"
     batches.mkdir()
     for i in range(5):
-        entry = {b"data": arrays["x_train"][i:i + 1], b"labels": [int(arrays["y_train"][i])]}
+        entry = {b"data": arrays["x_train"][i : i + 1], b"labels": [int(arrays["y_train"][i])]}
         (batches / f"data_batch_{i + 1}").write_bytes(pickle.dumps(entry))
     (batches / "test_batch").write_bytes(pickle.dumps({b"data": arrays["x_test"], b"labels": [9, 1]}))
     _check_cifar(load_cifar10(tmp_path), n_train=5)
@@ -253,7 +261,7 @@ def test_cifar10_npz_count_mismatch_raises(tmp_path):
 
 def _write_pickles(folder, arrays, test_labels):
     for i in range(5):
-        entry = {b"data": arrays["x_train"][i:i + 1], b"labels": [int(arrays["y_train"][i])]}
+        entry = {b"data": arrays["x_train"][i : i + 1], b"labels": [int(arrays["y_train"][i])]}
         (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(entry))
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": arrays["x_test"], b"labels": test_labels}))
 
@@ -340,7 +348,7 @@ def test_truncated_image_names_the_file(tmp_path, suffix):
     _cinic_folders(tmp_path)
     path = tmp_path / "test" / "cat" / f"c1.{suffix}"
     _save_image(path, np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(DataError, match=f"c1.{suffix}"):
         load_cinic10(tmp_path)
 
@@ -374,8 +382,7 @@ def test_tiny_imagenet_bad_annotation_and_missing_class_raise(tmp_path):
         load_tiny_imagenet(root)
 
 
-@pytest.mark.parametrize("name, hint", [("cinic10", "datashare.ed.ac.uk"),
-                                        ("tiny-imagenet", "tiny-imagenet-200.zip")])
+@pytest.mark.parametrize("name, hint", [("cinic10", "datashare.ed.ac.uk"), ("tiny-imagenet", "tiny-imagenet-200.zip")])
 def test_image_folder_datasets_need_their_folder(tmp_path, name, hint):
     with pytest.raises(DataNotFound, match=hint):
         load_dataset(name)
@@ -397,6 +404,7 @@ def _serve(monkeypatch, name, files):
 def _offline(monkeypatch):
     def urlopen(url, timeout=None):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
 
 
@@ -416,8 +424,14 @@ def test_download_fashion_mnist_then_load_offline(tmp_path, monkeypatch):
     data = tmp_path / "data"
     ds = load_dataset("fashion-mnist", data, download=True)
     assert ds.train.images.shape == (5, 1, 28, 28)
-    assert _files(data) == sorted(["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                                   "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"])
+    assert _files(data) == sorted(
+        [
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+        ]
+    )
     assert sorted(p.name for p in data.iterdir()) == _files(data)  # and no temporary folder left behind
     _offline(monkeypatch)  # found locally now: no second download
     assert torch.equal(load_dataset("fashion-mnist", data, download=True).train.images, ds.train.images)
@@ -452,8 +466,11 @@ def test_download_cifar10_extracts_pickles(tmp_path, monkeypatch):
     _write_pickles(pickles, _cifar_arrays(n_train=5), test_labels=[9, 1])
     archive = tmp_path / "server" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
-    _tar_gz(archive, [(f"cifar-10-batches-py/{p.name}", p.read_bytes()) for p in sorted(pickles.iterdir())]
-            + [("cifar-10-batches-py/link", None)])
+    _tar_gz(
+        archive,
+        [(f"cifar-10-batches-py/{p.name}", p.read_bytes()) for p in sorted(pickles.iterdir())]
+        + [("cifar-10-batches-py/link", None)],
+    )
     _serve(monkeypatch, "cifar10", [archive])
     data = tmp_path / "data"
     _check_cifar(load_dataset("cifar10", data, download=True), n_train=5)
@@ -474,8 +491,9 @@ def test_download_rejects_tar_path_traversal(tmp_path, monkeypatch, evil):
     assert not (tmp_path / "evil").exists()
 
 
-@pytest.mark.parametrize("name, hint", [("fashion-mnist", "sudo apt-get install dataset-fashion-mnist"),
-                                        ("cifar10", "cifar10.npz")])
+@pytest.mark.parametrize(
+    "name, hint", [("fashion-mnist", "sudo apt-get install dataset-fashion-mnist"), ("cifar10", "cifar10.npz")]
+)
 def test_download_offline_says_so_and_leaves_nothing(tmp_path, monkeypatch, name, hint):
     _offline(monkeypatch)
     data = tmp_path / "data"
@@ -502,8 +520,11 @@ def test_download_broken_mid_stream_leaves_nothing(tmp_path, monkeypatch):
 def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
     _fashion_server(tmp_path, monkeypatch)
     url, _ = datasets_module._DOWNLOADS["fashion-mnist"][-1]
-    monkeypatch.setitem(datasets_module._DOWNLOADS, "fashion-mnist",
-                        datasets_module._DOWNLOADS["fashion-mnist"][:-1] + ((url, "0" * 32),))
+    monkeypatch.setitem(
+        datasets_module._DOWNLOADS,
+        "fashion-mnist",
+        datasets_module._DOWNLOADS["fashion-mnist"][:-1] + ((url, "0" * 32),),
+    )
     data = tmp_path / "data"
     with pytest.raises(DataError, match="corrupt"):
         download_dataset("fashion-mnist", data)

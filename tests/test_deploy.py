@@ -30,15 +30,19 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 
 import deploy.prepare_partitions as prep
 from client.data import load_client_data
-from common import runtime
-from common.config import parse_run_config
-from common.datasets import Dataset, Split
-from common.partition import client_data
+from common.data import partition_files
+from common.data.datasets import Dataset, Split
+from common.data.partition import client_data
+from common.measure import runtime
+from common.protocol.config import parse_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-PARSERS = {"flower-superlink": superlink_parser, "flower-supernode": supernode_parser,
-           "flower-superexec": superexec_parser}
+PARSERS = {
+    "flower-superlink": superlink_parser,
+    "flower-supernode": supernode_parser,
+    "flower-superexec": superexec_parser,
+}
 
 
 def parse(cli: str, args: list[str]) -> argparse.Namespace:
@@ -53,6 +57,7 @@ def parse(cli: str, args: list[str]) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- compose
+
 
 def _compose(name: str) -> dict:
     return yaml.safe_load((DEPLOY / name).read_text())
@@ -89,8 +94,9 @@ def test_compose_commands_are_valid_for_the_pinned_flower(files):
         services = _merged(_compose(files[0]), _compose(files[1]))
     tls = len(files) == 2
     clis = {name: _cli_of(s) for name, s in services.items()}
-    assert sorted(c for c in clis.values() if c) == (["flower-superexec"] * 4 + ["flower-superlink"]
-                                                     + ["flower-supernode"] * 3)
+    assert sorted(c for c in clis.values() if c) == (
+        ["flower-superexec"] * 4 + ["flower-superlink"] + ["flower-supernode"] * 3
+    )
     for name, service in services.items():
         tag = service["image"].split(":", 1)[1]
         assert tag == f"${{FLWR_VERSION:-{flwr.__version__}}}", f"{name}: image not pinned to flwr {flwr.__version__}"
@@ -106,7 +112,8 @@ def test_compose_commands_are_valid_for_the_pinned_flower(files):
             assert args.enable_supernode_auth is tls and args.insecure is not tls
             if tls:
                 assert {args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile} <= {
-                    s["target"].removeprefix("/app/") for s in service["secrets"]}
+                    s["target"].removeprefix("/app/") for s in service["secrets"]
+                }
         elif clis[name] == "flower-supernode":
             assert args.isolation == "process" and args.superlink == "superlink:8000"
             path = _node_config(args)["data-path"]
@@ -127,8 +134,9 @@ def test_compose_commands_are_valid_for_the_pinned_flower(files):
 
 def test_compose_tls_secrets_name_the_pki_files():
     secrets = _compose("compose.tls.yml")["secrets"]
-    used = {s["source"] for service in _compose("compose.tls.yml")["services"].values()
-            for s in service.get("secrets", [])}
+    used = {
+        s["source"] for service in _compose("compose.tls.yml")["services"].values() for s in service.get("secrets", [])
+    }
     assert used == set(secrets)
     files = {secret["file"].replace("${PKI_DIR:-./pki}", "pki") for secret in secrets.values()}
     assert files == {"pki/ca.crt", "pki/server.pem", "pki/server.key"} | {f"pki/devices/pi-{i}" for i in (1, 2, 3)}
@@ -138,8 +146,10 @@ def test_dockerfile_pins_flower_and_cpu_torch():
     text = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={flwr.__version__}" in text
     assert "FROM flwr/superexec:${FLWR_VERSION}" in text
-    assert re.search(r"--extra-index-url https://download.pytorch.org/whl/cpu torch==" + re.escape(
-        torch.__version__.split("+")[0]), text)
+    assert re.search(
+        r"--extra-index-url https://download.pytorch.org/whl/cpu torch==" + re.escape(torch.__version__.split("+")[0]),
+        text,
+    )
     assert 'ENTRYPOINT ["flower-superexec"]' in text
     assert "gcc" in text and "bitkernels.library()" in text  # the SAP kernels are built into the image
     # what the image copies is what the build context lets through
@@ -149,6 +159,7 @@ def test_dockerfile_pins_flower_and_cpu_torch():
 
 
 # ---------------------------------------------------------------- systemd units and scripts
+
 
 def _unit(path: Path) -> dict[str, list[str]]:
     """Key -> values of a systemd unit, with continuation lines joined."""
@@ -164,8 +175,12 @@ def _unit(path: Path) -> dict[str, list[str]]:
 def test_supernode_unit_runs_a_valid_supernode_command():
     unit = _unit(DEPLOY / "pi" / "flower-supernode.service")
     env = dict(pair.split("=", 1) for line in unit["Environment"] for pair in shlex.split(line))
-    assert {"FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
-            "FLWR_HOME"} <= set(env)
+    assert {
+        "FLWR_TELEMETRY_ENABLED",
+        "FLWR_DISABLE_UPDATE_CHECK",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
+        "FLWR_HOME",
+    } <= set(env)
     assert env["PATH"].startswith("/opt/fedmef/venv/bin:")  # flower-superexec is started by name
     assert runtime.TRAINING_ENV.items() <= env.items()  # inherited by the ClientApp processes
     assert env["FEDMEF_CACHE"].startswith("/var/lib/flower-supernode/")  # StateDirectory: writable by flower
@@ -200,12 +215,18 @@ def fake_flower(tmp_path):
 
 @pytest.mark.parametrize("node_auth", ["1", "0"])
 def test_start_superlink_passes_tls_database_and_auth(tmp_path, fake_flower, node_auth):
-    subprocess.run([DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True,
-                   capture_output=True)
-    env = {"PATH": f"{fake_flower}:/usr/bin:/bin", "FEDMEF_PKI": str(tmp_path / "pki"),
-           "FEDMEF_STATE_DIR": str(tmp_path / "state"), "FEDMEF_NODE_AUTH": node_auth}
-    out = subprocess.run([DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    subprocess.run(
+        [DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True, capture_output=True
+    )
+    env = {
+        "PATH": f"{fake_flower}:/usr/bin:/bin",
+        "FEDMEF_PKI": str(tmp_path / "pki"),
+        "FEDMEF_STATE_DIR": str(tmp_path / "state"),
+        "FEDMEF_NODE_AUTH": node_auth,
+    }
+    out = subprocess.run(
+        [DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     args = parse("flower-superlink", out.splitlines())
     assert args.enable_supernode_auth is (node_auth == "1") and not args.insecure
     assert args.host == "0.0.0.0" and args.port == 8000 and not args.runtime_dependency_install
@@ -224,8 +245,12 @@ def test_register_devices_rejects_a_wrong_key(tmp_path, fake_flower):
     (fake_flower / "flwr").chmod(0o755)
     bad = tmp_path / "rsa.pub"
     bad.write_text("ssh-rsa AAAAB3NzaC1yc2E rsa\n")
-    run = subprocess.run([DEPLOY / "server" / "register-devices.sh", "conn", bad], capture_output=True, text=True,
-                         env={"PATH": f"{fake_flower}:/usr/bin:/bin"})
+    run = subprocess.run(
+        [DEPLOY / "server" / "register-devices.sh", "conn", bad],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{fake_flower}:/usr/bin:/bin"},
+    )
     assert run.returncode != 0 and "not an OpenSSH ECDSA P-384 public key" in run.stderr
 
 
@@ -236,6 +261,7 @@ def test_shell_scripts_parse():
 
 
 # ---------------------------------------------------------------- PKI
+
 
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str) -> None:
     """A TLS handshake in memory: raises ssl.SSLError if the client rejects the server's certificate."""
@@ -260,8 +286,9 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname:
 def test_make_pki_makes_ca_server_cert_and_device_keys(tmp_path):
     pki = tmp_path / "pki"
     script = DEPLOY / "server" / "make-pki.sh"
-    subprocess.run([script, "-o", pki, "-n", "2", "192.168.1.10", "superlink.lan", "127.0.0.1"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [script, "-o", pki, "-n", "2", "192.168.1.10", "superlink.lan", "127.0.0.1"], check=True, capture_output=True
+    )
     ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)
@@ -308,6 +335,7 @@ def test_make_pki_refuses_half_a_ca(tmp_path):
 
 # ---------------------------------------------------------------- the Pi's packages
 
+
 def _pins() -> dict[str, str]:
     pins = {}
     for line in (DEPLOY / "pi" / "requirements-aarch64.txt").read_text().splitlines():
@@ -337,8 +365,9 @@ sys.meta_path.insert(0, OnlyPinned())
 import client.client_app
 print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 """
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(sorted(pins))], cwd=ROOT, capture_output=True,
-                         text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(sorted(pins))], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, f"the ClientApp needs more than the Pi's pins:\n{run.stderr[-2000:]}"
     # what only the simulation needs stays off the Pi
     assert not {"datasets", "flwr_datasets", "ray", "pyarrow", "pandas"} & set(json.loads(run.stdout))
@@ -346,13 +375,14 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 
 # ---------------------------------------------------------------- partition files
 
+
 @pytest.fixture
 def tiny_dataset(monkeypatch):
     g = torch.Generator().manual_seed(0)
     train = Split(torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 4, (300,), generator=g))
     test = Split(torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 4, (20,), generator=g))
     dataset = Dataset("fashion-mnist", train, test, 4)
-    monkeypatch.setattr(prep, "load_dataset", lambda *a, **k: dataset)
+    monkeypatch.setattr(partition_files, "load_dataset", lambda *a, **k: dataset)
     return dataset
 
 
@@ -364,8 +394,9 @@ def test_partition_files_hold_the_simulation_partitions(tmp_path, tiny_dataset, 
     total = 0
     for i, path in enumerate(paths):
         node = load_client_data(parse_run_config({}), {"data-path": str(path)})
-        sim_train, sim_val = client_data(tiny_dataset, i, 3, scheme="dirichlet", alpha=1.0, seed=3,
-                                         val_fraction=cfg.val_fraction)
+        sim_train, sim_val = client_data(
+            tiny_dataset, i, 3, scheme="dirichlet", alpha=1.0, seed=3, val_fraction=cfg.val_fraction
+        )
         assert torch.equal(node.train.images, sim_train.images) and torch.equal(node.train.labels, sim_train.labels)
         assert torch.equal(node.val.images, sim_val.images) and torch.equal(node.val.labels, sim_val.labels)
         assert node.num_classes == 4 and node.in_channels == 1

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.simulation import ROOT, flower_env, free_port, stop_flower_processes
 from deploy.prepare_partitions import prepare, run_config
+from server.simulation import ROOT, flower_env, free_port, stop_flower_processes
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,8 @@ def test_tls_node_auth_deployment_runs_fedmef_and_refuses_unknown_key(tmp_path):
     homes = {name: tmp_path / f"home-{name}" for name in ("superlink", "cli", "pi-1", "pi-2", "pi-3", "pi-4")}
     (homes["cli"]).mkdir()
     (homes["cli"] / "config.toml").write_text(
-        f'[superlink.e2e]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{pki / "ca.crt"}"\n')
+        f'[superlink.e2e]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{pki / "ca.crt"}"\n'
+    )
     logs: list[Path] = []
     procs: list[subprocess.Popen] = []
 
@@ -66,42 +67,82 @@ def test_tls_node_auth_deployment_runs_fedmef_and_refuses_unknown_key(tmp_path):
         log = tmp_path / f"{name}.log"
         logs.append(log)
         with open(log, "w") as out:
-            proc = subprocess.Popen([str(c) for c in cmd], env={**env(name), **(extra_env or {})},
-                                    stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                env={**env(name), **(extra_env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         procs.append(proc)
         return proc
 
     def supernode(name: str) -> subprocess.Popen:
-        return start(name, [BIN / "flower-supernode", "--superlink", f"127.0.0.1:{port}",
-                            "--root-certificates", pki / "ca.crt",
-                            "--auth-supernode-private-key", pki / "devices" / name,
-                            "--port", free_port(),
-                            "--node-config", f'data-path="{parts / f"{name}.npz"}"'])
+        return start(
+            name,
+            [
+                BIN / "flower-supernode",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--root-certificates",
+                pki / "ca.crt",
+                "--auth-supernode-private-key",
+                pki / "devices" / name,
+                "--port",
+                free_port(),
+                "--node-config",
+                f'data-path="{parts / f"{name}.npz"}"',
+            ],
+        )
 
     try:
-        superlink = start("superlink", [SERVER / "start-superlink.sh"], {
-            "FEDMEF_PKI": str(pki), "FEDMEF_STATE_DIR": str(state), "FEDMEF_HOST": "127.0.0.1",
-            "FEDMEF_PORT": str(port)})
+        superlink = start(
+            "superlink",
+            [SERVER / "start-superlink.sh"],
+            {
+                "FEDMEF_PKI": str(pki),
+                "FEDMEF_STATE_DIR": str(state),
+                "FEDMEF_HOST": "127.0.0.1",
+                "FEDMEF_PORT": str(port),
+            },
+        )
         _wait_for_port(port, superlink, tmp_path / "superlink.log")
 
-        registered = subprocess.run([SERVER / "register-devices.sh", "e2e"]
-                                    + [pki / "devices" / f"pi-{i}.pub" for i in (1, 2, 3)],
-                                    env=env("cli"), capture_output=True, text=True, timeout=60)
+        registered = subprocess.run(
+            [SERVER / "register-devices.sh", "e2e"] + [pki / "devices" / f"pi-{i}.pub" for i in (1, 2, 3)],
+            env=env("cli"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert registered.returncode == 0, registered.stdout + registered.stderr
         node_ids = {int(n) for n in re.findall(r"registered as node (\d+)", registered.stdout)}
         assert len(node_ids) == 3, registered.stdout
-        again = subprocess.run([SERVER / "register-devices.sh", "e2e", pki / "devices" / "pi-1.pub"],
-                               env=env("cli"), capture_output=True, text=True, timeout=60)
+        again = subprocess.run(
+            [SERVER / "register-devices.sh", "e2e", pki / "devices" / "pi-1.pub"],
+            env=env("cli"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert again.returncode == 0 and "already registered" in again.stdout, again.stdout + again.stderr
 
         for name in ("pi-1", "pi-2", "pi-3"):
             supernode(name)
         intruder = supernode("pi-4")
 
-        overrides = (f"num-server-rounds=2 max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
-                     f"results-dir='{results}' run-name='deploy'")
-        run = subprocess.run([BIN / "flwr", "run", ".", "e2e", "--stream", "--run-config", overrides],
-                             env=env("cli"), cwd=ROOT, capture_output=True, text=True, timeout=150)
+        overrides = (
+            f"num-server-rounds=2 max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
+            f"results-dir='{results}' run-name='deploy'"
+        )
+        run = subprocess.run(
+            [BIN / "flwr", "run", ".", "e2e", "--stream", "--run-config", overrides],
+            env=env("cli"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
         results_file = results / "deploy" / "results.json"
         # flwr run exits 0 even when the run failed: the results file is the proof
         assert run.returncode == 0 and results_file.exists(), run.stdout[-3000:] + _tails(logs)
@@ -123,8 +164,13 @@ def test_tls_node_auth_deployment_runs_fedmef_and_refuses_unknown_key(tmp_path):
         assert intruder.returncode != 0
         assert "Failed to activate SuperNode" in (tmp_path / "pi-4.log").read_text()
 
-        listed = subprocess.run([BIN / "flwr", "supernode", "list", "e2e", "--format", "json"],
-                                env=env("cli"), capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [BIN / "flwr", "supernode", "list", "e2e", "--format", "json"],
+            env=env("cli"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         nodes = json.loads(listed.stdout)["nodes"]
         assert {int(n["node-id"]) for n in nodes} == node_ids, listed.stdout
         # the database file the SuperLink keeps its state in

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from client.device import MemoryBudgetError, device_report, plan_batch_size, training_bytes
-from common.models import build_model
+from common.nn.models import build_model
 
 
 def test_device_report_has_the_basics():
@@ -35,4 +35,5 @@ def test_batch_size_is_halved_until_the_step_fits_and_refused_when_nothing_fits(
     with pytest.raises(MemoryBudgetError, match="memory-budget-mb"):
         plan_batch_size(model, example, 16, 450, baseline_mb=500)
     assert plan_batch_size(model, example, 8, 10**6).baseline_mb == pytest.approx(
-        psutil.Process().memory_info().rss / 2**20, rel=0.2)
+        psutil.Process().memory_info().rss / 2**20, rel=0.2
+    )

@@ -2,27 +2,40 @@
 
 import pytest
 
-from bench.simulation import run_simulation
+from server.simulation import run_simulation
 
 pytestmark = pytest.mark.slow
 
 
 def test_flwr_run_fedmef_in_simulation(tmp_path):
-    data = run_simulation({"num-server-rounds": 4, "max-local-steps": 25, "delta-r": 2, "r-stop": 3,
-                           "max-test-examples": 1000}, num_supernodes=4, results_dir=tmp_path,
-                          run_name="e2e", log_path=tmp_path / "flwr.log", timeout=600)
+    data = run_simulation(
+        {"num-server-rounds": 4, "max-local-steps": 25, "delta-r": 2, "r-stop": 3, "max-test-examples": 1000},
+        num_supernodes=4,
+        results_dir=tmp_path,
+        run_name="e2e",
+        log_path=tmp_path / "flwr.log",
+        timeout=600,
+    )
     rounds = data["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert rounds[1]["adjusted"] and not rounds[0]["adjusted"]
     assert all(len(r["clients"]) == 4 and not r["rejected"] for r in rounds)
     assert rounds[-1]["accuracy"] > 0.3  # 10 classes: chance is 0.1
     client = rounds[-1]["clients"][0]
-    for key in ("examples", "loss", "train_time_s", "cpu_time_s", "peak_rss_mb", "activation_bytes",
-                "bytes_down", "bytes_up"):
+    for key in (
+        "examples",
+        "loss",
+        "train_time_s",
+        "cpu_time_s",
+        "peak_rss_mb",
+        "activation_bytes",
+        "bytes_down",
+        "bytes_up",
+    ):
         assert client[key] > 0, key
     assert abs(rounds[-1]["sparsity"] - 0.9) < 1e-3
     assert data["summary"]["bytes_ratio_vs_dense"] < 0.2
-    for suffix in ("svg", "md"):
+    for suffix in ("png", "md"):
         assert (tmp_path / "e2e" / f"results.{suffix}").stat().st_size > 0
     assert (tmp_path / "e2e" / "model.pt").exists()
     assert "Strategy execution finished" in (tmp_path / "flwr.log").read_text()

@@ -1,4 +1,4 @@
-"""Tests for common.masks: ERK densities, random / magnitude masks, loading masks, keeping pruned
+"""Tests for common.pruning.masks: ERK densities, random / magnitude masks, loading masks, keeping pruned
 weights at exactly zero through optimiser steps (FedMef Alg. 1: "pruned weights stay exactly 0")."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import masks as M
-from common.layers import ReLU, SparseConv2d, SparseLinear
-from common.nsconv import NSConv2d
+from common.nn.layers import ReLU, SparseConv2d, SparseLinear
+from common.nn.nsconv import NSConv2d
+from common.pruning import masks as M
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -63,7 +63,7 @@ def test_erk_clamps_overfull_layer_to_dense_and_resolves_rest():
 
 
 def test_erk_on_real_model_shapes():
-    from common.models import build_model
+    from common.nn.models import build_model
 
     shapes = M.weight_shapes(build_model("resnet18", "nsconv"))
     for density in (0.05, 0.1, 0.2):
@@ -196,7 +196,9 @@ def test_load_masks_sets_buffers_and_zeros_pruned_weights():
         assert torch.equal(w.detach()[~masks[name]], torch.zeros(int((~masks[name]).sum())))
         assert bool((w.detach()[masks[name]] != 0).all())
     # NSConv's effective weights honour the loaded mask
-    assert torch.equal(model.conv1.effective_weight()[~masks["conv1.weight"]], torch.zeros(int((~masks["conv1.weight"]).sum())))
+    assert torch.equal(
+        model.conv1.effective_weight()[~masks["conv1.weight"]], torch.zeros(int((~masks["conv1.weight"]).sum()))
+    )
 
 
 def test_load_masks_rejects_wrong_shape():

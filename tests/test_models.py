@@ -1,4 +1,4 @@
-"""Tests for common.models: every architecture under every norm / SAP setting is built the way the
+"""Tests for common.nn.models: every architecture under every norm / SAP setting is built the way the
 FedMef/FedDIP papers need it (no BatchNorm in NSConv models, SAP everywhere but the stem, masks
 over every conv/linear weight), and SAP really frees the activations it claims to."""
 
@@ -9,17 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import masks as M
-from common.accounting import SavedTensorMeter
-from common.layers import Pool2d, ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
-from common.models import MODELS, NORMS, build_model
-from common.nsconv import RELU_GAMMA, NSConv2d
+from common.measure.accounting import SavedTensorMeter
+from common.nn.layers import Pool2d, ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
+from common.nn.models import MODELS, NORMS, build_model
+from common.nn.nsconv import RELU_GAMMA, NSConv2d
+from common.pruning import masks as M
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 INPUT = {
-    "resnet18": (3, 32, 32), "resnet34": (3, 32, 32), "resnet50": (3, 32, 32),
-    "mobilenetv2": (3, 32, 32), "lenet5": (1, 28, 28), "alexnet": (3, 32, 32),
+    "resnet18": (3, 32, 32),
+    "resnet34": (3, 32, 32),
+    "resnet50": (3, 32, 32),
+    "mobilenetv2": (3, 32, 32),
+    "lenet5": (1, 28, 28),
+    "alexnet": (3, 32, 32),
 }
 SAP = [None, 0.9]
 CONFIGS = [(name, norm, s) for name in INPUT for norm in NORMS for s in SAP]
@@ -70,8 +74,16 @@ def test_num_classes_and_in_channels():
 # 10 classes) and the hand count of LeNet-5 / the 5-conv AlexNet; a missing or extra layer shows.
 PARAMS_BN = {"resnet18": 11_173_962, "resnet34": 21_282_122, "resnet50": 23_520_842, "mobilenetv2": 2_236_682}
 LENET5_PLAIN = (1 * 6 * 25 + 6) + (6 * 16 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
-ALEXNET_PLAIN = (3 * 64 * 9 + 64) + (64 * 192 * 9 + 192) + (192 * 384 * 9 + 384) + (384 * 256 * 9 + 256) + \
-    (256 * 256 * 9 + 256) + (4096 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
+ALEXNET_PLAIN = (
+    (3 * 64 * 9 + 64)
+    + (64 * 192 * 9 + 192)
+    + (192 * 384 * 9 + 384)
+    + (384 * 256 * 9 + 256)
+    + (256 * 256 * 9 + 256)
+    + (4096 * 512 + 512)
+    + (512 * 512 + 512)
+    + (512 * 10 + 10)
+)
 
 
 @pytest.mark.parametrize("name", list(PARAMS_BN))
@@ -252,8 +264,11 @@ def _saved_storages(model, x):
 def _largest_activation(model, x):
     """Bytes of the largest float tensor the forward pass produces after the stem."""
     sizes = []
-    handles = [m.register_forward_hook(lambda _m, _i, o: sizes.append(o.nbytes))
-               for m in model.modules() if isinstance(m, ReLU)]
+    handles = [
+        m.register_forward_hook(lambda _m, _i, o: sizes.append(o.nbytes))
+        for m in model.modules()
+        if isinstance(m, ReLU)
+    ]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -261,12 +276,15 @@ def _largest_activation(model, x):
     return max(sizes)
 
 
-@pytest.mark.parametrize("name", [
-    "resnet18",
-    "mobilenetv2",
-    "lenet5",
-    "alexnet",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "mobilenetv2",
+        "lenet5",
+        "alexnet",
+    ],
+)
 def test_sap_model_holds_no_full_activation(name):
     """With SAP, the only full-size float tensor autograd holds is the input batch (the stem does
     not prune it: the training loop holds it anyway)."""

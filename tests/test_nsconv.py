@@ -1,4 +1,4 @@
-"""Tests for common.nsconv: normalized sparse convolution (FedMef §3.4, eq. 7, Theorem 1)."""
+"""Tests for common.nn.nsconv: normalized sparse convolution (FedMef §3.4, eq. 7, Theorem 1)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.layers import ReLU, SparseConv2d
-from common.nsconv import RELU_GAMMA, NSConv2d, standardize_filters
+from common.nn.layers import ReLU, SparseConv2d
+from common.nn.nsconv import RELU_GAMMA, NSConv2d, standardize_filters
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -194,9 +194,13 @@ class _Net(nn.Module):
 
 def _reference_forward(net, x):
     """Plain autograd: F.conv2d with the effective weights built by autograd."""
-    h = F.conv2d(x, net.c1.effective_weight(), net.c1.bias, net.c1.stride, net.c1.padding, net.c1.dilation, net.c1.groups)
+    h = F.conv2d(
+        x, net.c1.effective_weight(), net.c1.bias, net.c1.stride, net.c1.padding, net.c1.dilation, net.c1.groups
+    )
     h = F.relu(h)
-    return F.conv2d(h, net.c2.effective_weight(), net.c2.bias, net.c2.stride, net.c2.padding, net.c2.dilation, net.c2.groups)
+    return F.conv2d(
+        h, net.c2.effective_weight(), net.c2.bias, net.c2.stride, net.c2.padding, net.c2.dilation, net.c2.groups
+    )
 
 
 def test_fused_gradients_match_autograd_reference():
@@ -237,12 +241,24 @@ def test_gradcheck_float64():
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
 
     def f(inp, w, g, b):
-        from common.sap import ConvOp, masked_layer
-        return masked_layer(inp, w, conv.mask, g, b, conv.weight_fn(),
-                            ConvOp(conv.stride, conv.padding, conv.dilation, conv.groups), None)
+        from common.nn.sap import ConvOp, masked_layer
 
-    params = (conv.weight.detach().clone().requires_grad_(True), conv.gain.detach().clone().requires_grad_(True),
-              conv.bias.detach().clone().requires_grad_(True))
+        return masked_layer(
+            inp,
+            w,
+            conv.mask,
+            g,
+            b,
+            conv.weight_fn(),
+            ConvOp(conv.stride, conv.padding, conv.dilation, conv.groups),
+            None,
+        )
+
+    params = (
+        conv.weight.detach().clone().requires_grad_(True),
+        conv.gain.detach().clone().requires_grad_(True),
+        conv.bias.detach().clone().requires_grad_(True),
+    )
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
 
 

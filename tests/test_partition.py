@@ -1,4 +1,4 @@
-"""Tests for common.partition on synthetic labels (Flower Datasets' partitioners underneath)."""
+"""Tests for common.data.partition on synthetic labels (Flower Datasets' partitioners underneath)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import Dataset, Split
-from common.partition import client_data, label_histogram, partition_indices, train_val_split
+from common.data.datasets import Dataset, Split
+from common.data.partition import client_data, label_histogram, partition_indices, train_val_split
 
 NUM_CLASSES = 10
 
@@ -42,14 +42,14 @@ def test_same_seed_same_partitions_other_seed_different(labels, scheme):
     a = partition_indices(labels, 10, scheme=scheme, seed=1)
     b = partition_indices(labels.copy(), 10, scheme=scheme, seed=1)  # another array, same content
     c = partition_indices(labels, 10, scheme=scheme, seed=2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_result_is_cached_and_read_only(labels):
     a = partition_indices(labels, 10, seed=7)
     b = partition_indices(labels.astype(np.int32), 10, seed=7)  # same labels in another dtype: same entry
-    assert all(x is y for x, y in zip(a, b))
+    assert all(x is y for x, y in zip(a, b, strict=True))
     with pytest.raises(ValueError):
         a[0][0] = 1
 
@@ -80,13 +80,16 @@ def test_impossible_request_fails_fast_with_advice(labels):
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"scheme": "shards"}, "scheme"),
-    ({"num_partitions": 0}, "num_partitions"),
-    ({"alpha": 0.0}, "alpha"),
-    ({"alpha": float("nan")}, "alpha"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scheme": "shards"}, "scheme"),
+        ({"num_partitions": 0}, "num_partitions"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_raise_value_error(labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         partition_indices(labels, **{"num_partitions": 5, **kwargs})

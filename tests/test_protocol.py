@@ -4,12 +4,32 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from common.protocol import Instructions, ProtocolError
+from common.protocol.instructions import Instructions, ProtocolError
 
-BASE = Instructions(server_round=3, model="lenet5", norm="nsconv", s_ta=0.9, gamma=1.7, mode="masked",
-                    mask_version=2, lr=0.05, eta0=0.05, momentum=0.9, weight_decay=0.0, local_epochs=1,
-                    max_local_steps=10, batch_size=32, seed=7, counts=[3, 0, 5], bae=True, bae_lambda=1e-3,
-                    topk=True, grad_batches=2, adjust_local=False, reg_lambda=0.0)
+BASE = Instructions(
+    server_round=3,
+    model="lenet5",
+    norm="nsconv",
+    s_ta=0.9,
+    gamma=1.7,
+    mode="masked",
+    mask_version=2,
+    lr=0.05,
+    eta0=0.05,
+    momentum=0.9,
+    weight_decay=0.0,
+    local_epochs=1,
+    max_local_steps=10,
+    batch_size=32,
+    seed=7,
+    counts=[3, 0, 5],
+    bae=True,
+    bae_lambda=1e-3,
+    topk=True,
+    grad_batches=2,
+    adjust_local=False,
+    reg_lambda=0.0,
+)
 
 
 def test_round_trip_through_the_wire():
@@ -18,8 +38,17 @@ def test_round_trip_through_the_wire():
     assert back == BASE and back.adjusting and back.act_sparsity == 0.9
 
 
-@pytest.mark.parametrize("key, value", [("batch-size", "32"), ("bae", 1), ("counts", [1.5]), ("mode", "sparse"),
-                                        ("batch-size", 0), ("server-round", True)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("batch-size", "32"),
+        ("bae", 1),
+        ("counts", [1.5]),
+        ("mode", "sparse"),
+        ("batch-size", 0),
+        ("server-round", True),
+    ],
+)
 def test_bad_values_are_refused_with_the_key(key, value):
     config = {**BASE.to_config(), key: value}
     with pytest.raises(ProtocolError):

@@ -1,4 +1,4 @@
-"""common/runtime.py: the environment training processes start with, and that it does what it says."""
+"""common/measure/runtime.py: the environment training processes start with, and that it does what it says."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common import runtime
+from common.measure import runtime
 
 _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -44,7 +44,9 @@ def _faults(env: dict[str, str]) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not _THP.exists() or "[never]" in _THP.read_text(), reason="the kernel has no transparent huge pages")
+@pytest.mark.skipif(
+    not _THP.exists() or "[never]" in _THP.read_text(), reason="the kernel has no transparent huge pages"
+)
 def test_huge_page_allocation_takes_far_fewer_page_faults():
     """Five 16 MiB tensors: 4096 faults each with 4 KiB pages, a handful with 2 MiB pages (more
     where the kernel finds no free huge page and falls back to small ones: 2628 in one run here)."""

@@ -1,5 +1,5 @@
-"""Tests for common.sap: scaled activation pruning (FedMef §3.4) and the 1-bit ReLU cache, with
-memory measured through saved-tensor hooks (common.accounting.SavedTensorMeter)."""
+"""Tests for common.nn.sap: scaled activation pruning (FedMef §3.4) and the 1-bit ReLU cache, with
+memory measured through saved-tensor hooks (common.measure.accounting.SavedTensorMeter)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import sap
-from common.accounting import SavedTensorMeter
-from common.layers import ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
-from common.models.factory import LayerFactory
-from common.nsconv import RELU_GAMMA, NSConv2d
-from common.sap import bitmask_relu, compress_activation, keep_mask
-from common.sparse_codec import SparseFormat, decode
+from common.measure.accounting import SavedTensorMeter
+from common.nn import sap
+from common.nn.layers import ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
+from common.nn.models.factory import LayerFactory
+from common.nn.nsconv import RELU_GAMMA, NSConv2d
+from common.nn.sap import bitmask_relu, compress_activation, keep_mask
+from common.sparse.codec import decode
+from common.sparse.sizes import SparseFormat
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -349,11 +350,17 @@ def test_plain_layer_holds_its_input():
 def _conv_net(act_sparsity):
     f = LayerFactory("nsconv", act_sparsity)
     return nn.Sequential(
-        f.conv(3, 32, 3, after_relu=False, stem=True), f.relu(),
-        f.conv(32, 32, 3), f.relu(),
-        f.conv(32, 32, 3), f.relu(),
-        f.conv(32, 32, 3), f.relu(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), f.linear(32, 10),
+        f.conv(3, 32, 3, after_relu=False, stem=True),
+        f.relu(),
+        f.conv(32, 32, 3),
+        f.relu(),
+        f.conv(32, 32, 3),
+        f.relu(),
+        f.conv(32, 32, 3),
+        f.relu(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        f.linear(32, 10),
     )
 
 
@@ -399,8 +406,8 @@ def test_set_activation_sparsity_switches_layers_but_not_stem():
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 9, 7)])
 def test_lean_pooling_matches_autograd_and_keeps_less(shape):
-    from common.accounting import SavedTensorMeter
-    from common.sap import lean_avg_pool2d, lean_max_pool2d
+    from common.measure.accounting import SavedTensorMeter
+    from common.nn.sap import lean_avg_pool2d, lean_max_pool2d
 
     for lean, plain in ((lean_max_pool2d, F.max_pool2d), (lean_avg_pool2d, F.avg_pool2d)):
         x = torch.randn(*shape, requires_grad=True)
@@ -418,8 +425,8 @@ def test_lean_pooling_matches_autograd_and_keeps_less(shape):
 # ----------------------------------------------------------------------------- lean pooling
 
 
-from common.layers import Pool2d  # noqa: E402
-from common.sap import lean_avg_pool2d, lean_max_pool2d  # noqa: E402
+from common.nn.layers import Pool2d  # noqa: E402
+from common.nn.sap import lean_avg_pool2d, lean_max_pool2d  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])

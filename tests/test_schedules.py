@@ -1,14 +1,15 @@
-"""Tests for common.schedules: FedMef's adjustment rounds, cosine adjustment rate and counts, the
+"""Tests for common.pruning.schedules: FedMef's adjustment rounds, cosine adjustment rate and counts, the
 per-round learning rate and REX factor (eq. 3), FedDIP's sparsity ramp and lambda stages."""
 
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
 
-from common.schedules import (
+from common.pruning.schedules import (
     adjust_counts,
     adjust_fraction,
     feddip_lambda,
@@ -50,7 +51,7 @@ def test_adjust_fraction_cosine_in_local_epochs():
     assert adjust_fraction(301, 10, 300) == 0.0
     assert adjust_fraction(1, 10, 0) == 0.0
     values = [adjust_fraction(r, 10, 300) for r in range(1, 300)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in pairwise(values))
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_feddip_lambda_official_stages():
     assert lam[94] == pytest.approx(5e-4 + 5e-4 * 17 / 18)
     assert lam[95:] == [1e-3] * 6
     assert len(set(lam)) == 20
-    assert all(a <= b for a, b in zip(lam, lam[1:]))
+    assert all(a <= b for a, b in pairwise(lam))
     assert feddip_lambda(400, 100, 1e-3) == 1e-3
 
 

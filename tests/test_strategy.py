@@ -6,16 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, MetricRecord
-
-from common.config import parse_run_config
-from common.datasets import Split, load_dataset
-from common.models import build_model
-from common.schedules import feddip_sparsity
-from common.wire import decode_positions, from_array_record, to_array_record
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from loopback import LoopbackGrid
-from server.server_app import GlobalEvaluator
-from server.strategy import make_strategy
+
+from common.data.datasets import Split, load_dataset
+from common.methods import METHODS
+from common.nn.models import build_model
+from common.protocol.config import parse_run_config
+from common.protocol.wire import decode_positions, from_array_record, to_array_record
+from common.pruning.schedules import feddip_sparsity
+from server.server_app import GlobalEvaluator, round_evaluation
+from server.strategy import SparseStrategy, make_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 3
@@ -23,8 +24,18 @@ NODES = 3
 
 def run_config(**overrides) -> dict:
     base = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    base.update({"max-local-steps": 4, "batch-size": 16, "grad-batches": 1, "delta-r": 2, "r-stop": 5,
-                 "num-server-rounds": 3, "max-test-examples": 200, "min-train-nodes": NODES})
+    base.update(
+        {
+            "max-local-steps": 4,
+            "batch-size": 16,
+            "grad-batches": 1,
+            "delta-r": 2,
+            "r-stop": 5,
+            "num-server-rounds": 3,
+            "max-test-examples": 200,
+            "min-train-nodes": NODES,
+        }
+    )
     base.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return base
 
@@ -40,13 +51,25 @@ def federation(fmnist, tamper=None, **overrides):
     template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
     test = Split(fmnist.test.images[:200], fmnist.test.labels[:200])
     records: list[dict] = []
-    strategy = make_strategy(cfg, template, GlobalEvaluator(cfg, test, 10, 1), records.append)
+    strategy = make_strategy(cfg, template)
+    strategy.evaluate_round = round_evaluation(strategy, GlobalEvaluator(cfg, test, 10, 1), records.append)
     return strategy, LoopbackGrid(NODES, rc, tamper), records
 
 
 def play(strategy, grid, rounds: int):
-    strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=rounds,
-                   evaluate_fn=strategy.evaluate_global)
+    strategy.start(
+        grid, initial_arrays=strategy.global_arrays(), num_rounds=rounds, evaluate_fn=strategy.evaluate_round
+    )
+
+
+def train_round(strategy, grid, server_round: int) -> list[Message]:
+    """One training round driven by hand through the strategy's public methods (Flower numbers the
+    rounds of every ``start`` from 1)."""
+    replies = grid.send_and_receive(
+        strategy.configure_train(server_round, strategy.global_arrays(), ConfigRecord(), grid)
+    )
+    strategy.aggregate_train(server_round, replies)
+    return replies
 
 
 def active_counts(masks):
@@ -62,17 +85,15 @@ def test_fedmef_adjustment_keeps_exact_sparsity_and_grows_at_zero(fmnist):
     play(strategy, grid, 1)
     before = {n: m.clone() for n, m in strategy.masks.items()}
     assert strategy.instructions(2).adjusting
-    # Flower numbers rounds from 1 in every start(); drive round 2 by hand
-    replies = grid.send_and_receive(strategy.configure_train(2, None, None, grid))
-    strategy.aggregate_train(2, replies)
-    assert not strategy.record["rejected"]
+    train_round(strategy, grid, 2)
+    assert not strategy.round_record()["rejected"]
     assert active_counts(strategy.masks) == before_counts  # exactly the target sparsity per layer
     grown = {n: strategy.masks[n] & ~before[n] for n in before}
     dropped = {n: before[n] & ~strategy.masks[n] for n in before}
     assert sum(int(g.sum()) for g in grown.values()) > 0
     assert all(int(grown[n].sum()) == int(dropped[n].sum()) for n in grown)
     assert all(torch.all(strategy.global_state()[n][grown[n]] == 0) for n in grown)
-    assert abs(strategy.record["sparsity"] - 0.9) < 1e-3
+    assert abs(strategy.round_record()["sparsity"] - 0.9) < 1e-3
 
 
 def test_bae_marks_active_weights_and_squeezes_them(fmnist):
@@ -80,10 +101,7 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
     strategy, grid, _ = federation(fmnist, **{"bae-lambda": 1.0})
     ins = strategy.instructions(2)
     assert ins.bae and ins.topk and sum(ins.counts) > 0
-    strategy._ins = ins
-    strategy.record = {"round": 2, "rejected": []}
-    strategy._sent = {}
-    messages = [strategy.message_for(node, ins, "train") for node in grid.get_node_ids()]
+    messages = strategy.configure_train(2, strategy.global_arrays(), ConfigRecord(), grid)
     for reply in grid.send_and_receive(messages):
         assert not reply.has_error(), reply.error
         metrics = reply.content["metrics"]
@@ -91,7 +109,7 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
         assert metrics["bae-norm-start"] > 0
         assert metrics["bae-norm-end"] < metrics["bae-norm-start"]
         topk = decode_positions(from_array_record(reply.content["topk"]), strategy.layout, "topk", True)
-        for (name, shape), count in zip(strategy.layout.masked, ins.counts):
+        for (name, shape), count in zip(strategy.layout.masked, ins.counts, strict=True):
             idx = topk[name][0]
             assert 0 < idx.numel() <= count
             # positions in the full tensor, and only pruned ones (public port: positions in the pruned subset)
@@ -102,18 +120,18 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
 def test_masks_travel_only_to_nodes_without_the_current_version(fmnist):
     strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
     play(strategy, grid, 2)
-    first, second = grid.sent[:NODES], grid.sent[NODES:2 * NODES]
+    first, second = grid.sent[:NODES], grid.sent[NODES : 2 * NODES]
     assert all("masks" in m.content for m in first)
     assert not any("masks" in m.content for m in second)
     assert all(m.content["train"]["mask-version"] == 0 for m in second)
     # a node that lost its state fails the round, is rejected, and gets the mask again next time
     lost = next(iter(grid.contexts))
     grid.contexts[lost].state = type(grid.contexts[lost].state)()
-    replies = grid.send_and_receive(strategy.configure_train(3, None, None, grid))
-    strategy.aggregate_train(3, replies)
-    assert [r["node_id"] for r in strategy.record["rejected"]] == [lost]
-    assert "mask version" in strategy.record["rejected"][0]["reason"]
-    again = list(strategy.configure_train(4, None, None, grid))
+    train_round(strategy, grid, 3)
+    rejected = strategy.round_record()["rejected"]
+    assert [r["node_id"] for r in rejected] == [lost]
+    assert "mask version" in rejected[0]["reason"]
+    again = list(strategy.configure_train(4, strategy.global_arrays(), ConfigRecord(), grid))
     assert ["masks" in m.content for m in again] == [m.metadata.dst_node_id == lost for m in again]
 
 
@@ -162,6 +180,7 @@ def _corrupt(kind: str):
             reply.content["topk"] = to_array_record(topk)
         reply.content["model"] = to_array_record(arrays)
         return reply
+
     return tamper
 
 
@@ -169,12 +188,12 @@ def _corrupt(kind: str):
 def test_a_malformed_reply_is_rejected_and_the_round_goes_on(fmnist, kind, caplog):
     strategy, grid, _ = federation(fmnist, tamper=_corrupt(kind), **{"delta-r": 1})
     before = {n: t.clone() for n, t in strategy.global_state().items()}
-    replies = grid.send_and_receive(strategy.configure_train(1, None, None, grid))
-    strategy.aggregate_train(1, replies)
+    replies = train_round(strategy, grid, 1)
     bad = replies[1].metadata.src_node_id
-    assert [r["node_id"] for r in strategy.record["rejected"]] == [bad]
-    assert strategy.record["rejected"][0]["reason"].startswith("malformed reply")
-    assert len(strategy.record["clients"]) == NODES - 1
+    record = strategy.round_record()
+    assert [r["node_id"] for r in record["rejected"]] == [bad]
+    assert record["rejected"][0]["reason"].startswith("malformed reply")
+    assert len(record["clients"]) == NODES - 1
     assert all(torch.isfinite(t).all() for t in strategy.global_state().values())
     assert any(not torch.equal(before[n], t) for n, t in strategy.global_state().items())
 
@@ -215,9 +234,8 @@ def test_missing_data_on_a_client_is_reported_with_how_to_get_it(fmnist, tmp_pat
     strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
     for context in grid.contexts.values():
         context.run_config.update({"dataset": "cifar10", "data-dir": str(tmp_path)})
-    replies = grid.send_and_receive(strategy.configure_train(1, None, None, grid))
-    strategy.aggregate_train(1, replies)
-    reasons = [r["reason"] for r in strategy.record["rejected"]]
+    train_round(strategy, grid, 1)
+    reasons = [r["reason"] for r in strategy.round_record()["rejected"]]
     assert len(reasons) == NODES and all("CIFAR-10" in r and "cifar10.npz" in r for r in reasons)
 
 
@@ -227,12 +245,40 @@ def test_first_reply_reports_the_device_and_a_memory_budget_adapts_or_refuses(fm
     grid.contexts[nodes[0]].node_config["memory-budget-mb"] = 10**6  # plenty
     grid.contexts[nodes[1]].node_config["memory-budget-mb"] = 1.0  # nothing fits
     play(strategy, grid, 1)
-    clients = {c["node_id"]: c for c in strategy.record["clients"]}
+    clients = {c["node_id"]: c for c in strategy.round_record()["clients"]}
     assert set(clients) == {nodes[0], nodes[2]}
     assert clients[nodes[0]]["batch_size"] == 64
     assert clients[nodes[0]]["device"]["cores"] >= 1 and clients[nodes[0]]["device"]["arch"]
-    [refused] = strategy.record["rejected"]
+    [refused] = strategy.round_record()["rejected"]
     assert refused["node_id"] == nodes[1] and "memory-budget-mb" in refused["reason"]
-    replies = grid.send_and_receive(strategy.configure_train(2, None, None, grid))
+    replies = train_round(strategy, grid, 2)
     assert all("device" not in r.content for r in replies if not r.has_error())  # reported once
 
+
+# ---------------------------------------------------------------------------------------------- interface
+
+
+def test_every_method_of_the_table_has_a_strategy_of_its_mode():
+    assert set(SparseStrategy.registry) == set(METHODS)
+    for name, cls in SparseStrategy.registry.items():
+        assert cls.method == name and cls.mode == METHODS[name].mode
+
+
+def test_arrays_handed_to_start_become_the_global_weights(fmnist):
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
+    own = strategy.global_arrays()
+    assert strategy.global_arrays() is own  # unchanged model, same record: nothing to adopt
+    given = ArrayRecord({name: t * 0.5 for name, t in strategy.global_state().items()})
+    messages = list(strategy.configure_train(1, given, ConfigRecord(), grid))
+    for name, t in strategy.global_state().items():
+        assert torch.equal(t, torch.from_numpy(given[name].numpy()))
+    assert len(messages) == NODES
+    with pytest.raises(ValueError, match="not this model's"):
+        strategy.configure_train(1, ArrayRecord({"x": torch.zeros(3)}), ConfigRecord(), grid)
+
+
+def test_a_round_the_strategy_did_not_configure_is_refused(fmnist):
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
+    replies = grid.send_and_receive(strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), grid))
+    with pytest.raises(RuntimeError, match="round 2 was not configured"):
+        strategy.aggregate_train(2, replies)

@@ -1,4 +1,4 @@
-"""Tests for common.topk: magnitude selection within a subset of positions and the clients' top-K
+"""Tests for common.pruning.topk: magnitude selection within a subset of positions and the clients' top-K
 gradients (FedMef Alg. 1, lines 17-21), including the public port's subset-index bug and the
 O(k + chunk) memory bound."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.topk import CHUNK, resolve_counts, select_by_magnitude, topk_pruned_gradients
+from common.pruning.topk import CHUNK, resolve_counts, select_by_magnitude, topk_pruned_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -127,7 +127,7 @@ def test_topk_memory_is_o_of_k_not_of_the_layer():
     script = textwrap.dedent(
         """
         import resource, torch
-        from common.topk import CHUNK, topk_pruned_gradients
+        from common.pruning.topk import CHUNK, topk_pruned_gradients
         torch.set_num_threads(1)
         n = 8 * 2**20
         grad, mask = torch.randn(n), torch.zeros(n, dtype=torch.bool)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from bench.train import run
-from common.datasets import DataError, load_fashion_mnist
+from common.data.datasets import DataError, load_fashion_mnist
 
 
 @pytest.fixture(scope="module")

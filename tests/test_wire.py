@@ -3,13 +3,24 @@
 import numpy as np
 import pytest
 import torch
-
-from common.masks import random_masks
-from common.models import build_model
-from common.wire import (ModelLayout, WireError, content_bytes, decode_masks, decode_positions, encode_masks,
-                         encode_positions, from_array_record, pack_values, to_array_record, unpack_values)
-from common.sparse_codec import index_bits
 from flwr.app import RecordDict
+
+from common.nn.models import build_model
+from common.protocol.wire import (
+    ModelLayout,
+    WireError,
+    content_bytes,
+    decode_masks,
+    decode_positions,
+    encode_masks,
+    encode_positions,
+    from_array_record,
+    pack_values,
+    to_array_record,
+    unpack_values,
+)
+from common.pruning.masks import random_masks
+from common.sparse.bits import index_bits
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +104,9 @@ def test_positions_round_trip_with_and_without_values(lenet):
     back = decode_positions(encode_positions(entries, layout, "topk"), layout, "topk", True)
     assert torch.equal(back[name][0], entries[name][0]) and torch.equal(back[name][1], entries[name][1])
     assert all(back[n][0].numel() == 0 for n, _ in layout.masked if n != name)
-    flips = decode_positions(encode_positions({name: (torch.tensor([4, 8]), None)}, layout, "flips"), layout,
-                             "flips", False)
+    flips = decode_positions(
+        encode_positions({name: (torch.tensor([4, 8]), None)}, layout, "flips"), layout, "flips", False
+    )
     assert flips[name][0].tolist() == [4, 8] and flips[name][1] is None
 
 
@@ -124,8 +136,11 @@ def test_malformed_positions_are_rejected(lenet, problem):
     name, shape = layout.masked[0]
     arrays = encode_positions({name: (torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
     if problem == "out-of-range":  # 2**width - 1 lies beyond this layer's n
-        arrays = encode_positions({name: (torch.tensor([1, 2, 2 ** index_bits(int(np.prod(shape))) - 1]),
-                                          torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
+        arrays = encode_positions(
+            {name: (torch.tensor([1, 2, 2 ** index_bits(int(np.prod(shape))) - 1]), torch.tensor([1.0, 2.0, 3.0]))},
+            layout,
+            "topk",
+        )
     elif problem == "unsorted":
         arrays = encode_positions({name: (torch.tensor([3, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))}, layout, "topk")
     elif problem == "count":
@@ -151,8 +166,14 @@ def test_sparse_content_is_about_a_tenth_of_dense_at_sparsity_0_9(lenet):
     _, layout, masks, state = lenet
     dense = content_bytes(RecordDict({"model": to_array_record(pack_values(state, layout, None))}))
     sparse = content_bytes(RecordDict({"model": to_array_record(pack_values(state, layout, masks))}))
-    with_mask = content_bytes(RecordDict({"model": to_array_record(pack_values(state, layout, masks)),
-                                          "masks": to_array_record({"bits": encode_masks(masks, layout)})}))
+    with_mask = content_bytes(
+        RecordDict(
+            {
+                "model": to_array_record(pack_values(state, layout, masks)),
+                "masks": to_array_record({"bits": encode_masks(masks, layout)}),
+            }
+        )
+    )
     assert 0.09 < sparse / dense < 0.11
     assert with_mask - sparse < dense / 32 + 500  # a mask costs at most ~1 bit per weight
 
@@ -178,10 +199,10 @@ def test_corrupt_rice_masks_are_rejected(lenet, cut):
     assert buf[start] == 2
     bad = buf.copy()
     if cut == 1:  # count larger than the quotients hold
-        bad[start + 1:start + 5] = np.frombuffer(np.uint32(10**5).tobytes(), np.uint8)
+        bad[start + 1 : start + 5] = np.frombuffer(np.uint32(10**5).tobytes(), np.uint8)
     elif cut == 6:  # unary stream length inconsistent with the count
-        bad[start + 6:start + 10] = np.frombuffer(np.uint32(3).tobytes(), np.uint8)
+        bad[start + 6 : start + 10] = np.frombuffer(np.uint32(3).tobytes(), np.uint8)
     else:  # a truncated buffer
-        bad = bad[:start + 12]
+        bad = bad[: start + 12]
     with pytest.raises(WireError):
         decode_masks(bad, layout)

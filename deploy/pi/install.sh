@@ -30,7 +30,7 @@ done
 
 echo "== system packages"
 apt-get update -q
-# gcc: the ClientApp compiles its SAP kernels (common/bitkernels.py) on first use; without a
+# gcc: the ClientApp compiles its SAP kernels (common/nn/bitkernels.py) on first use; without a
 # compiler it falls back to torch code that makes a SAP step up to 2x slower.
 apt-get install -y -q python3 python3-venv gcc libc6-dev
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \

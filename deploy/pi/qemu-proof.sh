@@ -195,9 +195,9 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train
-from common import bitkernels, sap
-from common.config import parse_run_config
-from common.models import build_model
+from common.nn import bitkernels, sap
+from common.protocol.config import parse_run_config
+from common.nn.models import build_model
 from server.strategy import make_strategy
 imported = time.perf_counter() - start
 

@@ -1,0 +1,435 @@
+"""Image datasets as in-memory tensors, read from the files users actually have.
+
+Fashion-MNIST: the four ``*-idx?-ubyte[.gz]`` files (Debian's ``dataset-fashion-mnist`` puts them in
+``/usr/share/datasets/fashion-mnist``). CIFAR-10: either the ``cifar-10-batches-py`` pickles of the
+official archive or a ``cifar10.npz`` with ``x_train, y_train, x_test, y_test`` (rows of 3072 bytes).
+CINIC-10 and Tiny ImageNet: their unpacked image folders. Without a data dir each dataset is also
+looked for in ``~/.cache/fedmef/<name>``, where :func:`download_dataset` puts Fashion-MNIST and
+CIFAR-10. A missing or damaged file raises :class:`DataError` saying how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
+CACHE_DIR = Path.home() / ".cache" / "fedmef"
+FASHION_MNIST_HELP = (
+    "get Fashion-MNIST with 'sudo apt-get install dataset-fashion-mnist' (Debian) or put "
+    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+    "t10k-labels-idx1-ubyte.gz from the Fashion-MNIST release in one folder and pass it as data dir"
+)
+CIFAR10_HELP = (
+    "put the extracted 'cifar-10-batches-py' folder of the official CIFAR-10 python archive, or a "
+    "cifar10.npz with x_train/y_train/x_test/y_test, in a folder and pass it as data dir (on this "
+    "project's machines: ../shared/data/cifar10)"
+)
+CINIC10_HELP = (
+    "download CINIC-10 from https://datashare.ed.ac.uk/handle/10283/3192, unpack it and pass the folder "
+    "holding train/, valid/ and test/ as data dir"
+)
+TINY_IMAGENET_HELP = (
+    "download http://cs231n.stanford.edu/tiny-imagenet-200.zip, unpack it and pass the "
+    "tiny-imagenet-200 folder as data dir"
+)
+
+# Per-channel statistics of the training sets, for standardising inputs.
+_STATS = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cinic10": ((0.4789, 0.4723, 0.4305), (0.2421, 0.2383, 0.2587)),
+    "tiny-imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+
+_FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# (url, md5) of the files to fetch; an archive among them is unpacked.
+_DOWNLOADS = {
+    "fashion-mnist": tuple(
+        (_FASHION_MNIST_URL + name, md5)
+        for name, md5 in (
+            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        )
+    ),
+    "cifar10": (("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+}
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or read; the message says how to get it."""
+
+
+class DataNotFound(DataError):
+    """A dataset's files are not where it was looked for (as opposed to being there but damaged)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as float32 NCHW tensors, standardised per channel, and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+def _standardise(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
+    mean, std = _STATS[name]
+    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)  # astype: IDX arrays are read-only views
+    # In place, as each float copy of Tiny ImageNet's training set takes 4.9 GB.
+    x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
+    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format): magic 0x0000 0x08 ndim, big-endian dims, uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; the file is damaged, {FASHION_MNIST_HELP}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an uint8 IDX file; {FASHION_MNIST_HELP}")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} ends inside its header: truncated; {FASHION_MNIST_HELP}")
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path} holds {len(raw)} bytes, its header promises {expected}: truncated; {FASHION_MNIST_HELP}"
+        )
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _checked_split(name: str, images: np.ndarray, labels: np.ndarray, source: Path, help_text: str) -> Split:
+    if len(images) != len(labels):
+        raise DataError(
+            f"{source}: {len(images)} images but {len(labels)} labels; the files do not belong together, {help_text}"
+        )
+    return _standardise(name, images, labels)
+
+
+def _cifar_images(x: np.ndarray, source: Path) -> np.ndarray:
+    """Rows of 3072 bytes (the pickles' CHW order), NCHW, or NHWC (as Keras saves it) -> NCHW."""
+    if x.ndim == 2 and x.shape[1] == 3072:
+        return x.reshape(-1, 3, 32, 32)
+    if x.shape[1:] == (3, 32, 32):
+        return x
+    if x.shape[1:] == (32, 32, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise DataError(
+        f"{source}: images of shape {x.shape} are neither (N, 3072), (N, 3, 32, 32) nor (N, 32, 32, 3); {CIFAR10_HELP}"
+    )
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
+    """Fashion-MNIST (60k / 10k, 1x28x28) from ``data_dir``, else the Debian package's folder or the cache."""
+    folders = [Path(data_dir)] if data_dir else [*FASHION_MNIST_DIRS, CACHE_DIR / "fashion-mnist"]
+    for folder in folders:
+        files = {
+            stem: _find(folder, stem)
+            for stem in (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )
+        }
+        found = {stem: path for stem, path in files.items() if path is not None}
+        if len(found) == len(files):
+            parts = {stem: _read_idx(path) for stem, path in found.items()}
+            train, test = (
+                _checked_split(
+                    "fashion-mnist",
+                    parts[f"{s}-images-idx3-ubyte"][:, None],
+                    parts[f"{s}-labels-idx1-ubyte"],
+                    folder,
+                    FASHION_MNIST_HELP,
+                )
+                for s in ("train", "t10k")
+            )
+            return Dataset("fashion-mnist", train, test, 10)
+    raise DataNotFound(f"Fashion-MNIST not found in {', '.join(map(str, folders))}: {FASHION_MNIST_HELP}")
+
+
+def load_cifar10(data_dir: str | Path | None = None) -> Dataset:
+    """CIFAR-10 (3x32x32) from the official python pickles or an ``.npz`` in ``data_dir`` (or the cache)."""
+    folder = Path(data_dir) if data_dir else CACHE_DIR / "cifar10"
+    npz = folder / "cifar10.npz" if folder.is_dir() else folder
+    if npz.suffix == ".npz" and npz.is_file():
+        try:
+            with np.load(npz) as arrays:
+                parts = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"cannot read {npz}: {exc}; {CIFAR10_HELP}") from exc
+        return Dataset(
+            "cifar10",
+            _checked_split("cifar10", _cifar_images(parts["x_train"], npz), parts["y_train"], npz, CIFAR10_HELP),
+            _checked_split("cifar10", _cifar_images(parts["x_test"], npz), parts["y_test"], npz, CIFAR10_HELP),
+            10,
+        )
+    batches = folder / "cifar-10-batches-py" if (folder / "cifar-10-batches-py").is_dir() else folder
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if all((batches / n).is_file() for n in names):
+        loaded = {}
+        for n in names:
+            try:
+                with open(batches / n, "rb") as fh:
+                    entry = pickle.load(fh, encoding="bytes")
+                loaded[n] = (np.asarray(entry[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(entry[b"labels"]))
+            except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+                raise DataError(f"cannot read {batches / n}: {exc}; the file is damaged, {CIFAR10_HELP}") from exc
+        train_x = np.concatenate([loaded[n][0] for n in names[:5]])
+        train_y = np.concatenate([loaded[n][1] for n in names[:5]])
+        return Dataset(
+            "cifar10",
+            _checked_split("cifar10", train_x, train_y, batches, CIFAR10_HELP),
+            _checked_split("cifar10", *loaded["test_batch"], batches, CIFAR10_HELP),
+            10,
+        )
+    raise DataNotFound(f"CIFAR-10 not found in {folder}: {CIFAR10_HELP}")
+
+
+def _image_files(folder: Path, help_text: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder} is missing: the dataset is incomplete; {help_text}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _read_images(paths: list[Path], size: int, help_text: str) -> np.ndarray:
+    """Image files -> uint8 (N, 3, size, size); grayscale and palette images become RGB."""
+    images = np.empty((len(paths), 3, size, size), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}; the file is damaged, {help_text}") from exc
+        if pixels.shape != (size, size, 3):
+            raise DataError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels, not {size}x{size}; {help_text}")
+        images[i] = pixels.transpose(2, 0, 1)
+    return images
+
+
+def _image_split(name: str, files: list[tuple[Path, int]], size: int, source: Path, help_text: str) -> Split:
+    """(image file, label) pairs -> a standardised Split."""
+    if not files:
+        raise DataError(f"no images in {source}; {help_text}")
+    paths, labels = zip(*files, strict=True)
+    return _standardise(name, _read_images(list(paths), size, help_text), np.array(labels))
+
+
+def _read_text(path: Path, help_text: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; {help_text}") from exc
+
+
+def load_cinic10(data_dir: str | Path | None = None) -> Dataset:
+    """CINIC-10 (3x32x32; its train/ as train, test/ as test) from ``data_dir``'s class folders of PNGs."""
+    root = Path(data_dir) if data_dir else CACHE_DIR / "cinic10"
+    train_dir, test_dir = root / "train", root / "test"
+    if not (train_dir.is_dir() and test_dir.is_dir()):
+        raise DataNotFound(f"CINIC-10 not found in {root} (no train/ and test/ folders): {CINIC10_HELP}")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    if not classes or classes != test_classes:
+        raise DataError(
+            f"{root}: the class folders of train/ {classes} and test/ {test_classes} differ or are "
+            f"missing; {CINIC10_HELP}"
+        )
+
+    def split(folder: Path) -> Split:
+        files = [(path, label) for label, c in enumerate(classes) for path in _image_files(folder / c, CINIC10_HELP)]
+        return _image_split("cinic10", files, 32, folder, CINIC10_HELP)
+
+    return Dataset("cinic10", split(train_dir), split(test_dir), len(classes))
+
+
+def load_tiny_imagenet(data_dir: str | Path | None = None) -> Dataset:
+    """Tiny ImageNet (3x64x64; its val/ as test) from the unpacked ``tiny-imagenet-200`` folder or its parent.
+
+    Labels number the wnids of ``wnids.txt`` in sorted order, as an image-folder loader would.
+    """
+    root = Path(data_dir) if data_dir else CACHE_DIR / "tiny-imagenet"
+    if (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    wnids_file, annotations = root / "wnids.txt", root / "val" / "val_annotations.txt"
+    if not (wnids_file.is_file() and annotations.is_file()):
+        raise DataNotFound(
+            f"Tiny ImageNet not found in {root} (no wnids.txt and val/val_annotations.txt): {TINY_IMAGENET_HELP}"
+        )
+    wnids = sorted(set(_read_text(wnids_file, TINY_IMAGENET_HELP).split()))
+    label = {wnid: i for i, wnid in enumerate(wnids)}
+    train = [
+        (path, label[w]) for w in wnids for path in _image_files(root / "train" / w / "images", TINY_IMAGENET_HELP)
+    ]
+    test = []
+    for number, line in enumerate(_read_text(annotations, TINY_IMAGENET_HELP).splitlines(), 1):
+        fields = line.split()  # file, wnid, then a bounding box
+        if not fields:
+            continue
+        if len(fields) < 2 or fields[1] not in label:
+            raise DataError(
+                f"{annotations} line {number}: expected '<file> <wnid from wnids.txt> ...', "
+                f"got {line!r}; {TINY_IMAGENET_HELP}"
+            )
+        test.append((root / "val" / "images" / fields[0], label[fields[1]]))
+    return Dataset(
+        "tiny-imagenet",
+        _image_split("tiny-imagenet", train, 64, root / "train", TINY_IMAGENET_HELP),
+        _image_split("tiny-imagenet", test, 64, annotations, TINY_IMAGENET_HELP),
+        len(wnids),
+    )
+
+
+LOADERS = {
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "cinic10": load_cinic10,
+    "tiny-imagenet": load_tiny_imagenet,
+}
+_HELP = {
+    "fashion-mnist": FASHION_MNIST_HELP,
+    "cifar10": CIFAR10_HELP,
+    "cinic10": CINIC10_HELP,
+    "tiny-imagenet": TINY_IMAGENET_HELP,
+}
+
+
+def _fetch(url: str, path: Path, md5: str, help_text: str) -> None:
+    """Download ``url`` to ``path`` and check its MD5."""
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except urllib.error.HTTPError as exc:
+        raise DataError(
+            f"{url} answered HTTP {exc.code} {exc.reason}; to use local files instead, {help_text}"
+        ) from exc
+    except _NETWORK_ERRORS as exc:
+        raise DataError(
+            f"cannot download {url} ({getattr(exc, 'reason', exc)}): this machine seems to be offline; "
+            f"to use local files instead, {help_text}"
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc}; free some space or choose another data dir") from exc
+    if digest.hexdigest() != md5:
+        raise DataError(
+            f"{url} arrived with MD5 {digest.hexdigest()}, not {md5}: the download is corrupt; try again "
+            f"or, to use local files instead, {help_text}"
+        )
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    """Extract the regular files of ``archive`` into ``dest``; an archive naming paths outside it is rejected."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                name = PurePosixPath(member.name)
+                if name.is_absolute() or ".." in name.parts:
+                    raise DataError(f"{archive.name} holds the unsafe path {member.name!r}; refusing to extract it")
+                if member.isfile():  # links and devices: none is needed, and a link could point outside dest
+                    target = dest / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    assert src is not None, "extractfile gives a file object for every regular member"
+                    with src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"cannot extract {archive.name}: {exc}; the download is damaged, try again") from exc
+
+
+def download_dataset(name: str, dest_dir: str | Path) -> Path:
+    """Download Fashion-MNIST or CIFAR-10 into ``dest_dir`` and return it.
+
+    Everything is fetched, checked and unpacked in a temporary folder inside ``dest_dir`` first, so a
+    failed download leaves no partial file where the loaders look.
+    """
+    if name not in _DOWNLOADS:
+        raise DataError(
+            f"{name!r} cannot be downloaded automatically; {_HELP[name]}"
+            if name in _HELP
+            else f"unknown dataset {name!r}; choose one of {sorted(_DOWNLOADS)}"
+        )
+    dest = Path(dest_dir)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+            staging = Path(tmp) / "files"
+            staging.mkdir()
+            for url, md5 in _DOWNLOADS[name]:
+                file = Path(tmp) / url.rsplit("/", 1)[-1]
+                _fetch(url, file, md5, _HELP[name])
+                if file.name.endswith(".tar.gz"):
+                    _extract_tar(file, staging)
+                else:
+                    file.rename(staging / file.name)
+            for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+                target = dest / file.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+    except OSError as exc:
+        raise DataError(f"cannot write into {dest}: {exc}; choose a writable data dir") from exc
+    return dest
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """Dataset ``name`` from ``data_dir`` (default: its usual folders and ``~/.cache/fedmef/<name>``).
+
+    With ``download``, a dataset not found there is first downloaded into ``data_dir`` or the cache.
+    """
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)}")
+    try:
+        return LOADERS[name](data_dir)
+    except DataNotFound:
+        if not download:
+            raise
+    download_dataset(name, Path(data_dir) if data_dir else CACHE_DIR / name)
+    return LOADERS[name](data_dir)

@@ -1,0 +1,176 @@
+/* SAP's bitmap hot paths as fused C / OpenMP loops (FedMef §3.4; bitmap format of App. 7.1).
+
+   common/nn/bitkernels.py compiles this file on first use and calls it through ctypes; its module
+   docstring says why these loops exist and how the build is cached. Bits are MSB-first within each
+   byte, as common/sparse/bits.py packs them, and every function gives bit-identical results to the
+   torch code it replaces (tests/test_bitkernels.py).
+
+   A Flower app bundle carries no .c files, so bitkernels.c.json holds a copy of this text for the
+   ClientApps that get their code from one: run `make kernels` after editing this file. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 4096 /* bitmap bytes (32768 elements) per parallel block */
+
+/* Per byte value: its eight bits as all-ones / all-zero 32-bit lanes; the offsets of its set bits
+   (MSB first, padded with 0); and for each bit the number of set bits before it. The last two make
+   gather and scatter branch-free: every byte moves eight floats, and the pointers advance by the
+   popcount. */
+static uint32_t lanes[256][8];
+static uint8_t set_offsets[256][8];
+static uint8_t rank_before[256][8];
+
+__attribute__((constructor)) static void init_tables(void) {
+    for (int b = 0; b < 256; b++) {
+        int seen = 0;
+        for (int j = 0; j < 8; j++) {
+            int bit = (b >> (7 - j)) & 1;
+            lanes[b][j] = bit ? 0xFFFFFFFFu : 0u;
+            rank_before[b][j] = (uint8_t)seen;
+            set_offsets[b][j] = 0;
+            if (bit) seen++;
+        }
+        seen = 0;
+        for (int j = 0; j < 8; j++)
+            if ((b >> (7 - j)) & 1) set_offsets[b][seen++] = (uint8_t)j;
+    }
+}
+
+int64_t fm_block_elements(void) { return 8 * BLOCK; } /* sizes fm_select_above's counts */
+
+static int64_t block_count(int64_t nbytes) { return (nbytes + BLOCK - 1) / BLOCK; }
+static int64_t block_end(int64_t k, int64_t nbytes) { return k * BLOCK + BLOCK < nbytes ? k * BLOCK + BLOCK : nbytes; }
+
+/* Bit (7 - j) of bitmap[b] = |x[8b + j]| > t; counts[k] = bits set in block k; returns the total. */
+int64_t fm_select_above(const float *x, int64_t n, float t, uint8_t *bitmap, int64_t *counts) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes), whole = n / 8, total = 0;
+    #pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t k = 0; k < nb; k++) {
+        int64_t end = block_end(k, nbytes), c = 0;
+        for (int64_t b = k * BLOCK; b < end; b++) {
+            unsigned bits = 0;
+            if (b < whole) {
+                const float *p = x + 8 * b;
+                for (int j = 0; j < 8; j++) bits |= (unsigned)(fabsf(p[j]) > t) << (7 - j);
+            } else {
+                for (int64_t i = 8 * b; i < n; i++) bits |= (unsigned)(fabsf(x[i]) > t) << (7 - (i - 8 * b));
+            }
+            bitmap[b] = (uint8_t)bits;
+            c += __builtin_popcount(bits);
+        }
+        counts[k] = c;
+        total += c;
+    }
+    return total;
+}
+
+/* values <- x at the set bits, in order; counts as written by fm_select_above. A byte copies eight
+   floats and advances by its popcount, the surplus being overwritten by the next byte, wherever
+   eight floats fit before the block's share of values ends (past it they belong to another thread);
+   the bytes after that copy exactly. */
+void fm_gather(const float *x, int64_t n, const uint8_t *bitmap, const int64_t *counts, float *values) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
+    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
+    start[0] = 0;
+    for (int64_t k = 0; k < nb; k++) start[k + 1] = start[k] + counts[k];
+    #pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb; k++) {
+        float *out = values + start[k], *out_end = values + start[k + 1];
+        for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) {
+            const float *p = x + 8 * b;
+            if (out + 8 <= out_end) {
+                const uint8_t *at = set_offsets[bitmap[b]];
+                for (int j = 0; j < 8; j++) out[j] = p[at[j]];
+                out += __builtin_popcount(bitmap[b]);
+                continue;
+            }
+            for (unsigned bits = bitmap[b]; bits; ) {
+                int j = __builtin_clz(bits << 24);
+                *out++ = p[j];
+                bits &= ~(0x80u >> j);
+            }
+        }
+    }
+    free(start);
+}
+
+/* out (n floats) <- values at the set bits, 0 elsewhere. Returns the bitmap's popcount; out is
+   only written when it equals nnz. */
+int64_t fm_scatter(const float *values, int64_t nnz, const uint8_t *bitmap, int64_t n, float *out) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
+    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
+    start[0] = 0;
+    #pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb; k++) {
+        int64_t c = 0;
+        for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) c += __builtin_popcount(bitmap[b]);
+        start[k + 1] = c;
+    }
+    for (int64_t k = 0; k < nb; k++) start[k + 1] += start[k];
+    int64_t total = start[nb];
+    if (total == nnz) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < nb; k++) {
+            const float *v = values + start[k], *v_end = values + nnz;
+            for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) {
+                unsigned bits = bitmap[b];
+                if (8 * b + 8 <= n && v + 8 <= v_end) {
+                    /* out[j] = v[rank of bit j] under the bit's lane, +0.0 elsewhere; the lanes
+                       read (never past the values) may belong to the next byte */
+                    const uint32_t *m = lanes[bits], *vi = (const uint32_t *)v;
+                    const uint8_t *r = rank_before[bits];
+                    uint32_t *o = (uint32_t *)(out + 8 * b);
+                    for (int j = 0; j < 8; j++) o[j] = vi[r[j]] & m[j];
+                    v += __builtin_popcount(bits);
+                    continue;
+                }
+                for (int64_t i = 8 * b, j = 0; i < n && j < 8; i++, j++)
+                    out[i] = (bits >> (7 - j)) & 1 ? *v++ : 0.0f;
+            }
+        }
+    }
+    free(start);
+    return total;
+}
+
+/* out = clamp(x, 0, upper) (NaN stays NaN, like torch); bit = 0 < x, and x < upper if capped
+   (an uncapped ReLU passes +inf). */
+void fm_relu_pack(const float *x, int64_t n, int capped, float upper, float *out, uint8_t *bitmap) {
+    int64_t whole = n / 8;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < whole; b++) {
+        const float *p = x + 8 * b;
+        float *o = out + 8 * b;
+        unsigned bits = 0;
+        for (int j = 0; j < 8; j++) {
+            float v = p[j];
+            bits |= (unsigned)((v > 0.0f) & (!capped | (v < upper))) << (7 - j);
+            o[j] = v < 0.0f ? 0.0f : (v > upper ? upper : v);
+        }
+        bitmap[b] = (uint8_t)bits;
+    }
+    if (8 * whole < n) {
+        unsigned bits = 0;
+        for (int64_t i = 8 * whole; i < n; i++) {
+            float v = x[i];
+            bits |= (unsigned)((v > 0.0f) & (!capped | (v < upper))) << (7 - (i - 8 * whole));
+            out[i] = v < 0.0f ? 0.0f : (v > upper ? upper : v);
+        }
+        bitmap[whole] = (uint8_t)bits;
+    }
+}
+
+/* out = grad where the bit is set, +0.0 elsewhere (a bitwise select: NaN gradients stay put). */
+void fm_mask_grad(const float *grad, const uint8_t *bitmap, int64_t n, float *out) {
+    const uint32_t *g = (const uint32_t *)grad;
+    uint32_t *o = (uint32_t *)out;
+    int64_t whole = n / 8;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < whole; b++) {
+        const uint32_t *m = lanes[bitmap[b]];
+        for (int j = 0; j < 8; j++) o[8 * b + j] = g[8 * b + j] & m[j];
+    }
+    for (int64_t i = 8 * whole; i < n; i++) o[i] = g[i] & lanes[bitmap[whole]][i - 8 * whole];
+}

@@ -1,0 +1,45 @@
+"""Model zoo: ``build_model(name, norm=..., act_sparsity=...)`` for every architecture of the papers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from common.nn.models.factory import NORMS, LayerFactory, Norm
+from common.nn.models.mobilenet import mobilenet_v2
+from common.nn.models.resnet import resnet18, resnet34, resnet50
+from common.nn.models.small import alexnet, lenet5
+from common.nn.nsconv import RELU_GAMMA
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "mobilenetv2": mobilenet_v2,
+    "lenet5": lenet5,
+    "alexnet": alexnet,
+}
+
+
+def build_model(
+    name: str,
+    norm: Norm = "nsconv",
+    act_sparsity: float | None = None,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    gamma: float = RELU_GAMMA,
+) -> nn.Module:
+    """Build ``name`` with the given norm (``batchnorm | nsconv | none``) and SAP setting.
+
+    ``act_sparsity=None`` trains with plain autograd; a float ``s_ta`` turns SAP on.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    kwargs = {"num_classes": num_classes}
+    if in_channels is not None:
+        kwargs["in_channels"] = in_channels
+    return MODELS[name](LayerFactory(norm, act_sparsity, gamma), **kwargs)
+
+
+__all__ = ["MODELS", "NORMS", "LayerFactory", "build_model"]

@@ -1,0 +1,263 @@
+"""Scaled activation pruning (SAP, FedMef §3.4): activations cached for backward, kept sparse.
+
+A convolution or linear layer needs its input to form the weight gradient, so autograd normally
+keeps that whole tensor alive from forward to backward. The functions here keep only its top
+``1 - s_ta`` magnitudes, compressed by :mod:`common.sparse.codec` (a bitmap of positions plus fp32
+values at the usual ``s_ta = 0.9``), and nothing else of it: the full tensor is freed as soon as the
+next layer has consumed it. ReLU and ReLU6 keep a 1-bit mask for their own backward instead of their
+output. Everything is saved through ``ctx.save_for_backward`` so saved-tensor hooks (and thus
+:mod:`common.measure.accounting`) see exactly what is held.
+
+With ``s_ta = 0`` the cache is the dense tensor and, for contiguous inputs, the gradients equal
+plain autograd bit for bit (the cache decodes contiguous, which changes summation order otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.nn import bitkernels
+from common.sparse.bits import pack_bits, unpack_bits
+from common.sparse.codec import EncodedTensor, decode, encode_above, encode_masked
+from common.sparse.sizes import SparseFormat
+
+#: Elements sampled to estimate the pruning threshold. The estimate's density error has standard
+#: deviation sqrt(k (1 - k) / SAMPLE) (0.0023 at k = 0.1); a full sort of a 4M-element tensor would
+#: cost more than the convolution it serves, and on this CPU ``kthvalue`` over 2^16 samples takes
+#: 25 times as long as over 2^14.
+THRESHOLD_SAMPLE = 1 << 14
+
+_sampler = torch.Generator().manual_seed(0x5A9)
+
+
+def keep_threshold(x: torch.Tensor, s_ta: float) -> float | None:
+    """The magnitude ``t`` such that ``|x| > t`` marks the ``1 - s_ta`` fraction of ``x`` to keep.
+
+    None when everything is kept, ``inf`` when nothing is. Exact (``kthvalue`` over all of
+    ``|x|``) for tensors of at most :data:`THRESHOLD_SAMPLE` elements, an estimated quantile from a
+    uniform random sample above that. Exact zeros are never kept unless everything is
+    (``s_ta = 0``), so a mostly-dead ReLU output keeps fewer entries.
+    """
+    if not 0.0 <= s_ta <= 1.0:
+        raise ValueError(f"activation sparsity s_ta must lie in [0, 1], got {s_ta}")
+    n = x.numel()
+    keep = round((1.0 - s_ta) * n)
+    if keep >= n:
+        return None
+    if keep <= 0:
+        return math.inf
+    flat = x.detach().reshape(-1)
+    if n <= THRESHOLD_SAMPLE:
+        return float(flat.abs().kthvalue(n - keep).values)
+    sample = flat[torch.randint(n, (THRESHOLD_SAMPLE,), generator=_sampler)].abs()
+    rank = min(THRESHOLD_SAMPLE, max(1, math.ceil((1.0 - keep / n) * THRESHOLD_SAMPLE)))
+    return float(sample.kthvalue(rank).values)
+
+
+def keep_mask(x: torch.Tensor, s_ta: float) -> torch.Tensor:
+    """Bool mask of the ``1 - s_ta`` fraction of ``x`` with the largest magnitude (see
+    :func:`keep_threshold`): the entries :func:`compress_activation` keeps."""
+    threshold = keep_threshold(x, s_ta)
+    if threshold is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    return x.detach().abs() > threshold
+
+
+def compress_activation(x: torch.Tensor, s_ta: float) -> EncodedTensor:
+    """The sparse cache of ``x`` at activation sparsity ``s_ta``: a bitmap, or dense if smaller
+    (decoded contiguous, so with s_ta = 0 gradients equal autograd bit for bit for contiguous inputs).
+
+    Only these two: both are a single linear pass. CSC can be ~10 % smaller on a (batch, C*H*W)
+    activation at s_ta = 0.9, but needs ``nonzero`` and a sort, which cost more than the layer.
+    """
+    threshold = keep_threshold(x, s_ta)
+    if threshold is None:
+        return encode_masked(x, torch.ones_like(x, dtype=torch.bool), fmt=SparseFormat.DENSE)
+    return encode_above(x, threshold)
+
+
+def _save_encoded(ctx, enc: EncodedTensor, *others: torch.Tensor) -> None:
+    ctx.encoded = enc.meta
+    ctx.save_for_backward(*others, *enc.tensors())
+
+
+def _load_encoded(ctx) -> tuple[torch.Tensor, ...]:
+    *others, values, positions = ctx.saved_tensors
+    return (*others, decode(EncodedTensor.rebuild(ctx.encoded, values, positions)))
+
+
+WeightFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class _MaskedLayerFunction(torch.autograd.Function):
+    """A conv / linear layer whose weight ``w = weight_fn(θ, mask, gain)`` is recomputed in backward.
+
+    Saved for backward: θ and the mask (held by the model anyway), the optional gain, and the input
+    cache: a reference to ``x`` itself when ``s_ta`` is None (what plain autograd keeps), else its
+    SAP compression. Neither ``w`` nor any weight-sized intermediate (NSConv's centred filters) stays
+    alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, theta, mask, gain, bias, weight_fn, op, s_ta):
+        ctx.weight_fn, ctx.op, ctx.has_bias = weight_fn, op, bias is not None
+        if s_ta is None:
+            ctx.encoded = None
+            ctx.save_for_backward(theta, mask, gain, x)
+        else:
+            _save_encoded(ctx, compress_activation(x, s_ta), theta, mask, gain)
+        return op.forward(x, weight_fn(theta, mask, gain), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.encoded is None:
+            theta, mask, gain, x = ctx.saved_tensors
+        else:
+            theta, mask, gain, x = _load_encoded(ctx)
+        needs_x, needs_theta, _, needs_gain, needs_bias = ctx.needs_input_grad[:5]
+        with torch.enable_grad():
+            leaves = [theta.detach().requires_grad_(needs_theta)]
+            if gain is not None:
+                leaves.append(gain.detach().requires_grad_(needs_gain))
+            weight = ctx.weight_fn(leaves[0], mask, leaves[1] if gain is not None else None)
+        grad_x, grad_w, grad_b = ctx.op.backward(
+            grad_out, x, weight.detach(), (needs_x, needs_theta or needs_gain, ctx.has_bias and needs_bias)
+        )
+        grad_theta = grad_gain = None
+        if grad_w is not None:
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            # allow_unused: a weight function may ignore the gain (e.g. one that receives ŵ itself)
+            grads = iter(torch.autograd.grad(weight, wanted, grad_w, allow_unused=True)) if wanted else iter(())
+            grad_theta = next(grads) if needs_theta else None
+            grad_gain = next(grads) if gain is not None and needs_gain else None
+        return grad_x, grad_theta, None, grad_gain, grad_b, None, None, None
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """``F.conv2d`` with fixed geometry, and its backward through ATen's own kernel."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def forward(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, grad_out, x, weight, needs):
+        return torch.ops.aten.convolution_backward(
+            grad_out,
+            x,
+            weight,
+            [weight.shape[0]] if needs[2] else None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0] * len(self.stride),
+            self.groups,
+            list(needs),
+        )
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """``F.linear`` and its backward as the matrix products autograd uses."""
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def backward(self, grad_out, x, weight, needs):
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        return (
+            grad_out @ weight if needs[0] else None,
+            grad_2d.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None,
+            grad_2d.sum(0) if needs[2] else None,
+        )
+
+
+def masked_layer(x, theta, mask, gain, bias, weight_fn: WeightFn, op, s_ta: float | None):
+    """Apply a masked conv / linear layer, caching its input sparsely when ``s_ta`` is a float."""
+    return _MaskedLayerFunction.apply(x, theta, mask, gain, bias, weight_fn, op, s_ta)
+
+
+class BitMaskReLUFunction(torch.autograd.Function):
+    """ReLU (or ReLU6 with ``upper=6``) that keeps a 1-bit mask of its pass-through region."""
+
+    @staticmethod
+    def forward(ctx, x, upper):
+        ctx.shape = x.shape
+        if bitkernels.usable(x):
+            out, packed = bitkernels.relu_pack(x, upper)
+        else:
+            passes = x > 0 if upper is None else (x > 0) & (x < upper)
+            out, packed = (x.clamp(min=0) if upper is None else x.clamp(0, upper)), pack_bits(passes.reshape(-1))
+        ctx.save_for_backward(packed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (packed,) = ctx.saved_tensors
+        if bitkernels.usable(grad_out):
+            return bitkernels.mask_grad(grad_out, packed), None
+        passes = unpack_bits(packed, grad_out.numel()).view(ctx.shape)
+        return torch.where(passes, grad_out, 0.0), None
+
+
+def bitmask_relu(x: torch.Tensor, upper: float | None = None) -> torch.Tensor:
+    return BitMaskReLUFunction.apply(x, upper)
+
+
+class _LeanMaxPool2dFunction(torch.autograd.Function):
+    """Max-pooling (kernel = stride) that keeps, per output, the argmax's uint8 offset inside its
+    k x k window (1 byte) instead of its fp32 input plus int64 indices (2.25 bytes per input)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        if kernel * kernel > 256:
+            raise ValueError(f"lean max-pooling stores window offsets in uint8: kernel {kernel} is too large")
+        out, indices = F.max_pool2d(x, kernel, return_indices=True)
+        width = x.shape[-1]
+        rows, cols = indices // width, indices % width
+        ctx.kernel, ctx.in_size = kernel, x.shape[-2:]
+        ctx.save_for_backward(((rows % kernel) * kernel + cols % kernel).to(torch.uint8))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (offsets,) = ctx.saved_tensors
+        k, width = ctx.kernel, ctx.in_size[-1]
+        offsets = offsets.long()
+        out_h, out_w = offsets.shape[-2:]
+        rows = torch.arange(out_h, device=offsets.device).view(-1, 1) * k + offsets // k
+        cols = torch.arange(out_w, device=offsets.device).view(1, -1) * k + offsets % k
+        return F.max_unpool2d(grad_out, rows * width + cols, k, output_size=ctx.in_size), None
+
+
+class _LeanAvgPool2dFunction(torch.autograd.Function):
+    """Average pooling that keeps only its input's shape: its backward never reads the input."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.kernel, ctx.in_shape = kernel, x.shape
+        return F.avg_pool2d(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        k = [ctx.kernel, ctx.kernel]
+        shape_only = grad_out.new_empty(ctx.in_shape)  # ATen takes the input for its size alone
+        return torch.ops.aten.avg_pool2d_backward(grad_out, shape_only, k, k, [0, 0], False, True, None), None
+
+
+def lean_max_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    return _LeanMaxPool2dFunction.apply(x, kernel)
+
+
+def lean_avg_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    return _LeanAvgPool2dFunction.apply(x, kernel)

@@ -1,0 +1,220 @@
+"""The run configuration: every hyper-parameter of a run, validated in one place.
+
+Flower hands the ServerApp and the ClientApp ``context.run_config``, a flat mapping built from
+``[tool.flwr.app.config]`` in ``pyproject.toml`` plus ``--run-config`` overrides. :func:`parse_run_config`
+turns it into a frozen :class:`RunConfig` and reports every wrong key, type or range at once, with the
+accepted values, so a typo in a 300-round experiment fails in the first second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, cast
+
+from common.methods import METHODS, Method
+from common.nn.models import MODELS, NORMS
+from common.nn.nsconv import RELU_GAMMA
+
+DATASETS = ("fashion-mnist", "cifar10", "cinic10", "tiny-imagenet")
+PARTITIONERS = ("dirichlet", "iid")
+SWITCH = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All hyper-parameters; field ``foo_bar`` is run-config key ``foo-bar``.
+
+    The defaults are those of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (the quick CPU preset),
+    so a caller passing a partial mapping gets what ``flwr run`` would; a test fails on any difference.
+    """
+
+    strategy: str = "fedmef"
+    model: str = "lenet5"
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    download: bool = False
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.1
+    num_server_rounds: int = 6
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    round_timeout: float = 3600.0
+    local_epochs: int = 1
+    max_local_steps: int = 40
+    batch_size: int = 32
+    lr: float = 0.05
+    lr_decay: float = 0.98
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    s_tm: float = 0.9
+    s_ta: float = 0.9
+    density: str = "erk"
+    norm: str = "auto"
+    sap: str = "auto"
+    bae: str = "auto"
+    gamma: float = RELU_GAMMA
+    delta_r: int = 2
+    r_stop: int = 5
+    adjust_alpha: float = 0.2
+    bae_lambda: float = 1e-3
+    grad_batches: int = 4
+    feddip_s0: float = 0.5
+    feddip_interval: int = 2
+    feddip_lambda_max: float = 1e-3
+    feddip_lambda_steps: int = 20
+    seed: int = 42
+    eval_batch_size: int = 512
+    max_test_examples: int = 2000
+    results_dir: str = "runs"
+    run_name: str = ""
+
+    # -- what the switches resolve to -------------------------------------------------------------
+    @property
+    def method(self) -> Method:
+        return METHODS[self.strategy]
+
+    @property
+    def resolved_norm(self) -> str:
+        return self.method.norm if self.norm == "auto" else self.norm
+
+    @property
+    def sap_on(self) -> bool:
+        return self.method.sap if self.sap == "auto" else self.sap == "on"
+
+    @property
+    def bae_on(self) -> bool:
+        return self.method.bae if self.bae == "auto" else self.bae == "on"
+
+    @property
+    def act_sparsity(self) -> float | None:
+        """``s_ta`` for the model factory, or None for plain autograd."""
+        return self.s_ta if self.sap_on else None
+
+    @property
+    def param_sparsity(self) -> float:
+        """The target parameter sparsity; dense FedAvg trains every weight."""
+        return 0.0 if self.method.mode == "dense" else self.s_tm
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+_FIELDS = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "float": lambda v: isinstance(v, float),
+    "bool": lambda v: isinstance(v, bool),
+    "list[int]": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+}
+
+
+def typed_value(key: str, value: Any, kind: str) -> Any:
+    """``value`` checked against a dataclass field's type name (str, int, float, bool, list[int]);
+    ints are accepted where floats are expected, as TOML and ``--run-config`` write them. A mismatch
+    raises TypeError naming the key."""
+    if kind == "float" and _is_int(value):
+        return float(value)
+    if not _CHECKS[kind](value):
+        raise TypeError(f"{key} must be a {kind}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _range_errors(c: RunConfig) -> list[str]:
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    def choice(key: str, value: str, allowed) -> None:
+        need(value in allowed, f"{key} = {value!r}: choose one of {', '.join(sorted(allowed))}")
+
+    choice("strategy", c.strategy, METHODS)
+    choice("model", c.model, MODELS)
+    choice("dataset", c.dataset, DATASETS)
+    choice("partitioner", c.partitioner, PARTITIONERS)
+    choice("density", c.density, ("erk", "uniform"))
+    choice("norm", c.norm, ("auto", *NORMS))
+    choice("sap", c.sap, SWITCH)
+    choice("bae", c.bae, SWITCH)
+    for key in ("s-tm", "s-ta", "feddip-s0", "val-fraction"):
+        value = getattr(c, key.replace("-", "_"))
+        need(0.0 <= value < 1.0, f"{key} = {value}: must be in [0, 1)")
+    need(0.0 < c.fraction_train <= 1.0, f"fraction-train = {c.fraction_train}: must be in (0, 1]")
+    need(0.0 <= c.fraction_evaluate <= 1.0, f"fraction-evaluate = {c.fraction_evaluate}: must be in [0, 1]")
+    for key in (
+        "num-server-rounds",
+        "local-epochs",
+        "batch-size",
+        "delta-r",
+        "min-train-nodes",
+        "feddip-interval",
+        "feddip-lambda-steps",
+        "eval-batch-size",
+        "grad-batches",
+    ):
+        value = getattr(c, key.replace("-", "_"))
+        need(value >= 1, f"{key} = {value}: must be >= 1")
+    for key in ("max-local-steps", "max-test-examples", "r-stop"):
+        value = getattr(c, key.replace("-", "_"))
+        need(value >= 0, f"{key} = {value}: must be >= 0 (0 means no limit / no adjustment)")
+    for key in ("lr", "dirichlet-alpha", "gamma", "round-timeout"):
+        value = getattr(c, key.replace("-", "_"))
+        need(value > 0, f"{key} = {value}: must be > 0")
+    need(0.0 < c.lr_decay <= 1.0, f"lr-decay = {c.lr_decay}: must be in (0, 1]")
+    for key in ("momentum", "weight-decay", "bae-lambda", "adjust-alpha", "feddip-lambda-max"):
+        value = getattr(c, key.replace("-", "_"))
+        need(value >= 0, f"{key} = {value}: must be >= 0")
+    need(c.adjust_alpha <= 0.5, f"adjust-alpha = {c.adjust_alpha}: must be <= 0.5 (2*alpha of the active weights move)")
+    need(
+        c.feddip_s0 <= c.s_tm or c.strategy != "feddip",
+        f"feddip-s0 = {c.feddip_s0} is above s-tm = {c.s_tm}: FedDIP's sparsity rises from s0 to s-tm",
+    )
+    if c.strategy in METHODS and c.bae == "on":
+        adjusted = [m.name for m in METHODS.values() if m.adjustment == "server-topk"]
+        need(
+            c.strategy in adjusted,
+            f"bae = 'on' needs a method whose server prunes and grows ({', '.join(adjusted)}), not {c.strategy!r}",
+        )
+    if c.dataset in ("cinic10", "tiny-imagenet"):
+        need(bool(c.data_dir), f"dataset {c.dataset!r} is read from an image folder: set data-dir to its path")
+    return errors
+
+
+def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
+    """Validate ``context.run_config``; unknown keys, wrong types and ranges all raise one ConfigError."""
+    errors: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        f = _FIELDS.get(key)
+        if f is None:
+            hint = difflib.get_close_matches(key, _FIELDS, n=1)
+            errors.append(f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            continue
+        try:
+            # with `from __future__ import annotations` a field's type is its annotation's text
+            kwargs[f.name] = typed_value(key, value, cast(str, f.type))
+        except TypeError as exc:
+            errors.append(str(exc))
+    if not errors:
+        errors = _range_errors(RunConfig(**kwargs))
+    if errors:
+        raise ConfigError(
+            "invalid run config (fix [tool.flwr.app.config] or --run-config):\n  - " + "\n  - ".join(errors)
+        )
+    return RunConfig(**kwargs)

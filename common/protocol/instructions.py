@@ -1,0 +1,84 @@
+"""The per-round instructions the server sends and the client executes, as one typed record.
+
+The client decides no policy: which model to build, how sparse its activations are, whether this is a
+BaE round, how many weights per layer move and whether to send top-K gradients all arrive here, in the
+``train`` ConfigRecord of each message. Both sides use :class:`Instructions`, so the keys are written
+once and a malformed config is rejected with the key that is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, cast
+
+from common.methods import MODES
+from common.protocol.config import typed_value
+
+
+class ProtocolError(ValueError):
+    """A message's instructions are missing a key or hold a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """One round of local work.
+
+    ``mode``: ``masked`` trains ``θ ⊙ m`` with pruned weights held at 0 (FedMef, FedTiny, FedDST,
+    PQSU); ``dense`` trains every weight (FedAvg); ``error-feedback`` runs forward/backward on
+    ``w ⊙ m`` and applies the gradient to the dense ``w`` (FedDIP). ``counts``: weights that move per
+    masked layer in an adjustment round (ξ_l), empty otherwise.
+    """
+
+    server_round: int
+    model: str
+    norm: str
+    s_ta: float  # < 0: SAP off
+    gamma: float
+    mode: str
+    mask_version: int
+    lr: float
+    eta0: float
+    momentum: float
+    weight_decay: float
+    local_epochs: int
+    max_local_steps: int
+    batch_size: int
+    seed: int
+    counts: list[int]
+    bae: bool
+    bae_lambda: float
+    topk: bool
+    grad_batches: int
+    adjust_local: bool
+    reg_lambda: float
+
+    @property
+    def act_sparsity(self) -> float | None:
+        return self.s_ta if self.s_ta >= 0 else None
+
+    @property
+    def adjusting(self) -> bool:
+        return bool(self.counts)
+
+    def to_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Instructions:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in config:
+                raise ProtocolError(f"the server's instructions lack {key!r}; server and client versions differ?")
+            try:
+                # with `from __future__ import annotations` a field's type is its annotation's text
+                kwargs[f.name] = typed_value(key, config[key], cast(str, f.type))
+            except TypeError as exc:
+                raise ProtocolError(f"instruction {exc}") from exc
+        ins = cls(**kwargs)
+        if ins.mode not in MODES:
+            raise ProtocolError(f"unknown training mode {ins.mode!r}; expected one of {MODES}")
+        if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
+            raise ProtocolError("batch-size and local-epochs must be >= 1 and lr > 0")
+        return ins

@@ -1,0 +1,286 @@
+"""What travels between server and clients, and how many bytes it takes.
+
+Only sparse content goes over the wire (issue 3, FedMef App. 7.1):
+
+- weights as one float32 vector of the active values in mask order, layer after layer, plus one vector
+  of the small dense tensors (biases, gains, norm parameters and running statistics);
+- masks only when they changed, each layer as a bitmap, packed positions or Rice-coded gaps,
+  whichever is smallest;
+- top-K gradients as (flat position in the full weight tensor, value) per layer;
+- a FedDST client's mask change as the flat positions that flipped.
+
+Both ends build the same model, so a :class:`ModelLayout` (layer names and shapes in model order) is
+all the structure needed to read these flat vectors back. Every decoder validates what it reads and
+raises :class:`WireError` with the reason, so the server can drop a malformed reply and go on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from torch import nn
+
+from common.pruning.masks import Masks, prunable_weights
+from common.sparse.bits import CodecError, index_bits, pack_bits, pack_uints, unpack_bits, unpack_uints
+from common.sparse.rice import rice_decode, rice_encode
+
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]
+_BITMAP, _POSITIONS, _RICE = 0, 1, 2
+
+
+class WireError(ValueError):
+    """A message's content does not match what the protocol and the model layout allow."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Names and shapes of a model's masked weights and of its other float tensors, in model order."""
+
+    masked: Shapes
+    dense: Shapes
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelLayout:
+        weights = prunable_weights(model)
+        state = model.state_dict()
+        masked = tuple((name, tuple(w.shape)) for name, w in weights.items())
+        # Mask buffers travel as masks; integer buffers (BatchNorm's batch counter) stay local.
+        dense = tuple(
+            (name, tuple(t.shape))
+            for name, t in state.items()
+            if name not in weights and not name.endswith(".mask") and t.is_floating_point()
+        )
+        return cls(masked, dense)
+
+    @property
+    def masked_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.masked)
+
+    @property
+    def masked_numel(self) -> int:
+        return sum(math.prod(s) for _, s in self.masked)
+
+    @property
+    def dense_numel(self) -> int:
+        return sum(math.prod(s) for _, s in self.dense)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def pack_values(
+    state: Mapping[str, torch.Tensor], layout: ModelLayout, masks: Mapping[str, torch.Tensor] | None
+) -> dict[str, np.ndarray]:
+    """``values``: masked weights' active entries in mask order (all entries if ``masks`` is None);
+    ``dense``: the other float tensors, flattened in layout order."""
+    values = [
+        state[name].detach().reshape(-1)[masks[name].reshape(-1)]
+        if masks is not None
+        else state[name].detach().reshape(-1)
+        for name, _ in layout.masked
+    ]
+    dense = [state[name].detach().reshape(-1) for name, _ in layout.dense]
+    return {"values": _cat_f32(values).numpy(), "dense": _cat_f32(dense).numpy()}
+
+
+def unpack_values(
+    arrays: Mapping[str, np.ndarray], layout: ModelLayout, masks: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_values`: full-shape tensors, zeros at pruned positions."""
+    expected = layout.masked_numel if masks is None else sum(int(masks[n].sum()) for n, _ in layout.masked)
+    values = _float_vector(arrays, "values", expected)
+    dense = _float_vector(arrays, "dense", layout.dense_numel)
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, shape in layout.masked:
+        if masks is None:
+            count = math.prod(shape)
+            out[name] = values[start : start + count].reshape(shape).clone()
+        else:
+            count = int(masks[name].sum())
+            full = torch.zeros(math.prod(shape), dtype=torch.float32)
+            full[masks[name].reshape(-1)] = values[start : start + count]
+            out[name] = full.reshape(shape)
+        start += count
+    start = 0
+    for name, shape in layout.dense:
+        count = math.prod(shape)
+        out[name] = dense[start : start + count].reshape(shape).clone()
+        start += count
+    return out
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def encode_masks(masks: Mapping[str, torch.Tensor], layout: ModelLayout) -> np.ndarray:
+    """Each layer as ``[format byte][payload]``, whichever payload is smallest: a bitmap (n bits, App.
+    7.1), the active positions in ``ceil(log2 n)``-bit fields, or Rice-coded gaps between them
+    (:mod:`common.sparse.rice`).
+
+    At density d a bitmap costs 1 bit per weight, Rice codes about ``d·(k + 2)`` with
+    ``2^k ≈ 1/d``: 0.4 bits at d = 0.08, so a new client's first mask costs less than half."""
+    chunks: list[bytes] = []
+    for name, _ in layout.masked:
+        flat = masks[name].reshape(-1)
+        positions = torch.nonzero(flat).reshape(-1)
+        width = index_bits(flat.numel())
+        candidates = [bytes([_BITMAP]) + pack_bits(flat).numpy().tobytes(), bytes([_RICE]) + rice_encode(positions)]
+        if 32 + positions.numel() * width < flat.numel():
+            candidates.append(
+                bytes([_POSITIONS])
+                + np.uint32(positions.numel()).tobytes()
+                + pack_uints(positions, width).numpy().tobytes()
+            )
+        chunks.append(min(candidates, key=len))
+    return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()
+
+
+def decode_masks(buf: np.ndarray, layout: ModelLayout) -> Masks:
+    """Inverse of :func:`encode_masks`; a short, long or inconsistent buffer raises WireError."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
+        raise WireError("masks must be a 1-D uint8 array (the output of encode_masks)")
+    data = torch.from_numpy(buf.copy())
+    masks: Masks = {}
+    at = 0
+    for name, shape in layout.masked:
+        n = math.prod(shape)
+        if at >= data.numel():
+            raise WireError(f"mask buffer ends before layer {name!r}")
+        fmt = int(data[at])
+        at += 1
+        if fmt == _BITMAP:
+            nbytes = -(-n // 8)
+            if at + nbytes > data.numel():
+                raise WireError(f"mask of {name!r} is truncated: needs {nbytes} bytes")
+            masks[name] = unpack_bits(data[at : at + nbytes], n).clone().reshape(shape)
+            at += nbytes
+            continue
+        if fmt == _POSITIONS:
+            if at + 4 > data.numel():
+                raise WireError(f"mask of {name!r} is truncated in its count")
+            count = int(np.frombuffer(buf[at : at + 4].tobytes(), dtype=np.uint32)[0])
+            at += 4
+            width = index_bits(n)
+            nbytes = -(-count * width // 8)
+            if count > n or at + nbytes > data.numel():
+                raise WireError(f"mask of {name!r} claims {count} positions of {n}; the buffer is too short")
+            positions = unpack_uints(data[at : at + nbytes], count, width)
+            if count and (int(positions.max()) >= n or bool((positions[1:] <= positions[:-1]).any())):
+                raise WireError(f"mask of {name!r} has positions out of range or not strictly increasing")
+            at += nbytes
+        elif fmt == _RICE:
+            try:
+                positions, used = rice_decode(data[at:], n)
+            except CodecError as err:
+                raise WireError(f"mask of {name!r}: {err}") from None
+            at += used
+        else:
+            raise WireError(f"mask of {name!r} has unknown format byte {fmt}")
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[positions] = True
+        masks[name] = flat.reshape(shape)
+    if at != data.numel():
+        raise WireError(f"mask buffer has {data.numel() - at} bytes beyond the last layer")
+    return masks
+
+
+# --------------------------------------------------------------------------- sparse per-layer index lists
+
+
+def encode_positions(
+    entries: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], layout: ModelLayout, prefix: str
+) -> dict[str, np.ndarray]:
+    """Per-layer (flat position, optional value) lists as ``{prefix}-count/-idx[/-val]`` vectors.
+
+    Positions are packed in ``ceil(log2 n)``-bit fields per layer (App. 7.1's offsets), each layer
+    starting on a byte. Serves top-K gradients (positions with values) and FedDST mask flips."""
+    counts, idx, vals = [], [], []
+    with_values = any(v is not None for _, v in entries.values())
+    for name, shape in layout.masked:
+        positions, values = entries.get(name, (torch.zeros(0, dtype=torch.int64), None))
+        counts.append(positions.numel())
+        idx.append(pack_uints(positions.reshape(-1).to(torch.int64), index_bits(math.prod(shape))))
+        if with_values:
+            vals.append(values.reshape(-1) if values is not None else torch.zeros(positions.numel()))
+    out = {f"{prefix}-count": np.asarray(counts, dtype=np.int64), f"{prefix}-idx": torch.cat(idx).numpy()}
+    if with_values:
+        out[f"{prefix}-val"] = _cat_f32(vals).numpy()
+    return out
+
+
+def decode_positions(
+    arrays: Mapping[str, np.ndarray], layout: ModelLayout, prefix: str, with_values: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Inverse of :func:`encode_positions`, checking counts, ranges, order and finiteness."""
+    for key in (f"{prefix}-count", f"{prefix}-idx") + ((f"{prefix}-val",) if with_values else ()):
+        if key not in arrays:
+            raise WireError(f"reply lacks {key!r}")
+    counts = arrays[f"{prefix}-count"]
+    if (
+        counts.ndim != 1
+        or counts.size != len(layout.masked)
+        or not np.issubdtype(counts.dtype, np.integer)
+        or (counts < 0).any()
+    ):
+        raise WireError(f"{prefix}-count must hold one non-negative count per masked layer ({len(layout.masked)})")
+    idx = arrays[f"{prefix}-idx"]
+    widths = [index_bits(math.prod(shape)) for _, shape in layout.masked]
+    nbytes = [-(-count * width // 8) for count, width in zip(counts.tolist(), widths, strict=True)]
+    if idx.ndim != 1 or idx.dtype != np.uint8 or idx.size != sum(nbytes):
+        raise WireError(f"{prefix}-idx must be {sum(nbytes)} bytes of packed positions for these counts")
+    vals = _float_vector(arrays, f"{prefix}-val", int(counts.sum())) if with_values else None
+    packed = torch.from_numpy(idx.copy())
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    byte, start = 0, 0
+    for (name, shape), count, width, size in zip(layout.masked, counts.tolist(), widths, nbytes, strict=True):
+        pos = unpack_uints(packed[byte : byte + size], count, width)
+        if count and (int(pos.max()) >= math.prod(shape) or bool((pos[1:] <= pos[:-1]).any())):
+            raise WireError(
+                f"{prefix} positions of {name!r} are out of range [0, {math.prod(shape)}) or not strictly increasing"
+            )
+        out[name] = (pos, vals[start : start + count].clone() if vals is not None else None)
+        byte, start = byte + size, start + count
+    return out
+
+
+# --------------------------------------------------------------------------- records and bytes
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    try:
+        return {key: array.numpy() for key, array in record.items()}
+    except Exception as exc:  # a foreign serialisation type or corrupt bytes
+        raise WireError(f"cannot read array record: {exc}") from exc
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of ``content`` as Flower serialises it onto the wire (protobuf)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def _cat_f32(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.to(torch.float32) for p in parts]) if parts else torch.zeros(0, dtype=torch.float32)
+
+
+def _float_vector(arrays: Mapping[str, np.ndarray], key: str, expected: int) -> torch.Tensor:
+    if key not in arrays:
+        raise WireError(f"missing {key!r}")
+    value = arrays[key]
+    if not isinstance(value, np.ndarray) or value.dtype != np.float32 or value.ndim != 1:
+        raise WireError(f"{key!r} must be a 1-D float32 vector")
+    if value.size != expected:
+        raise WireError(f"{key!r} holds {value.size} values; the mask and model need {expected}")
+    if not np.isfinite(value).all():
+        raise WireError(f"{key!r} holds NaN or Inf values")
+    return torch.from_numpy(value.copy())

@@ -1,0 +1,68 @@
+"""Budget-aware extrusion (BaE), FedMef §3.3, eq. 2-4.
+
+In an adjustment round a client marks theta_low, the active weights the server is about to drop,
+trains on ``L + lambda ||theta_low||_2^2`` (eq. 2) so their information moves into the surviving
+weights, and uses the learning rate ``mu_t = max(eta_t, beta_t)`` (eq. 4) so the extrusion still
+happens when the decayed schedule is small.
+
+theta_low is a subset of the ACTIVE weights. The public FedMef port ranked |w| over the whole
+tensor, where the smallest entries are the pruned zeros, so its penalty and its learning-rate
+boost were both identically 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from common.pruning.masks import Masks
+from common.pruning.schedules import rex_factor
+from common.pruning.topk import indices_to_mask, layer_tensor, resolve_counts, select_by_magnitude
+
+
+def mark_low(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]) -> Masks:
+    """theta_low (eq. 2): per layer of ``masks``, the ``counts[l]`` active entries of smallest |w|.
+
+    Counts are capped at the layer's active entries; a layer absent from ``counts`` gets no marks.
+    Ties go to the lower flat index, so the marks are deterministic.
+    """
+    marks: Masks = {}
+    for name, k in resolve_counts(masks, counts).items():
+        mask = masks[name]
+        weight = layer_tensor(weights, name, mask, "weights")
+        marks[name] = indices_to_mask(select_by_magnitude(weight, mask, k, largest=False), mask)
+    return marks
+
+
+def extrusion_penalty(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]) -> Tensor:
+    """``||theta_low||_2^2`` summed over layers, differentiable in ``weights``; the loss of eq. 2
+    is ``loss + lambda * extrusion_penalty(...)``."""
+    terms = [
+        layer_tensor(weights, name, mark, "weights").masked_select(mark).square().sum() for name, mark in marks.items()
+    ]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def marked_norm(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]) -> float:
+    """``||theta_low||``: the plain L2 norm over all marked weights together (sigma's argument in
+    eq. 3)."""
+    with torch.no_grad():
+        return math.sqrt(float(extrusion_penalty(weights, marks)))
+
+
+def budget_lr(eta_t: float, eta0: float, step: int, total_steps: int, low_norm: float) -> float:
+    """``mu_t = max(eta_t, beta_t)`` (eq. 4) with ``beta_t = p(t) (2 sigma(||theta_low||) - 1) eta_0``
+    (eq. 3); ``step`` of ``total_steps`` BaE steps in this round, ``low_norm`` from
+    :func:`marked_norm`."""
+    if not eta_t >= 0.0:
+        raise ValueError(f"eta_t must be >= 0, got {eta_t}")
+    if not eta0 >= 0.0:
+        raise ValueError(f"eta0 must be >= 0, got {eta0}")
+    if not low_norm >= 0.0:
+        raise ValueError(f"low_norm is a norm and must be >= 0, got {low_norm}")
+    # 2 sigma(x) - 1 == tanh(x / 2), which does not overflow for a large norm.
+    beta = rex_factor(step, total_steps) * math.tanh(low_norm / 2) * eta0
+    return max(eta_t, beta)

@@ -1,0 +1,174 @@
+"""Run the app in Flower's simulation engine with ``flwr run``, offline and cleaned up afterwards.
+
+``python -m server.simulation`` is the project's main job: a short FedMef run with the embedded default
+config (``[tool.flwr.app.config]``) on 4 simulated SuperNodes, ending with the result table. Other
+benchmarks and the end-to-end test call :func:`run_simulation` the same way.
+
+``flwr run`` starts a local SuperLink that outlives it and exits 0 even when the run failed, so this
+module stops every Flower process that belongs to its private ``FLWR_HOME`` and treats a run as
+successful only when the ServerApp wrote its results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from common.measure import runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Offline Flower: no telemetry, no update check, no run-time `uv sync`, a private FLWR_HOME;
+    plus :data:`common.measure.runtime.TRAINING_ENV` for the processes that train.
+
+    The local SuperLink gets free ports: on its fixed default (39091) a second ``flwr run`` would
+    silently submit to another run's SuperLink."""
+    env = runtime.training_env()
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_HOME=str(flwr_home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def toml_overrides(values: Mapping[str, Any]) -> str:
+    """``k=v`` pairs as ``--run-config`` reads them (TOML values: strings quoted)."""
+    return " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in values.items()
+    )
+
+
+def stop_flower_processes(flwr_home: Path) -> int:
+    """Stop the SuperLink/SuperExec/simulation processes started under ``flwr_home``; returns how many."""
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == str(flwr_home):
+                # Ray's agents may not carry FLWR_HOME, so take every descendant too
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    mine = list(found.values())
+    for proc in mine:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        proc.kill()
+    return len(mine)
+
+
+def run_simulation(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    results_dir: Path,
+    run_name: str,
+    preset: Path | None = None,
+    timeout: float = 3600,
+    log_path: Path | None = None,
+    cpus_per_client: int = 1,
+) -> dict:
+    """``flwr run . --stream`` with the given overrides; returns the results the ServerApp wrote."""
+    results_dir = results_dir.resolve()
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedmef-flwr-home-"))
+    # flwr run takes either a TOML file or k=v pairs, not both: merge the preset in here
+    preset_values = tomllib.loads(preset.read_text()) if preset is not None else {}
+    overrides = {**preset_values, **run_config, "results-dir": str(results_dir), "run-name": run_name}
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(ROOT),
+        "--stream",
+        "--run-config",
+        toml_overrides(overrides),
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+    ]
+    results = results_dir / run_name / "results.json"
+    if results.exists():
+        raise SimulationError(f"{results} exists already: choose another run name or move it away")
+    log_file = open(log_path, "w") if log_path else None
+    log = log_file if log_file is not None else subprocess.DEVNULL
+    try:
+        proc = subprocess.run(
+            cmd, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SimulationError(f"flwr run did not finish in {timeout:.0f} s") from exc
+    finally:
+        stop_flower_processes(flwr_home)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+        if log_file is not None:
+            log_file.close()
+    if proc.returncode != 0 or not results.exists():
+        where = f"; see {log_path}" if log_path else ""
+        raise SimulationError(
+            f"flwr run failed (exit {proc.returncode}, results file "
+            f"{'present' if results.exists() else 'missing'}){where}"
+        )
+    data = json.loads(results.read_text())
+    if not data.get("summary"):
+        raise SimulationError(f"{results} has no summary: the run stopped early{where if log_path else ''}")
+    return data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--supernodes", type=int, default=4)
+    p.add_argument("--preset", type=Path, default=None, help="a conf/*.toml file of run-config overrides")
+    p.add_argument("--set", default="", help="more overrides, e.g. \"strategy='fedtiny' num-server-rounds=3\"")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "runs")
+    p.add_argument("--name", default=None)
+    a = p.parse_args()
+    overrides = {}
+    if a.set:
+        overrides = tomllib.loads("\n".join(a.set.split()))
+    name = a.name or f"{overrides.get('strategy', 'fedmef')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_path = a.results_dir.resolve() / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"flwr run: {a.supernodes} simulated SuperNodes; Flower's log goes to {log_path}", flush=True)
+    start = time.time()
+    data = run_simulation(overrides, a.supernodes, a.results_dir, name, a.preset, log_path=log_path)
+    from server.results import markdown_table
+
+    print(markdown_table({data["run"]["strategy"]: data}))
+    print(f"\n{len(data['rounds'])} rounds in {time.time() - start:.0f} s; results in {a.results_dir.resolve() / name}")
+
+
+if __name__ == "__main__":
+    main()
