@@ -57,13 +57,13 @@ def _train_message(run_config: dict, out: Path) -> Path:
     from flwr.common.serde import recorddict_to_proto
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.nn.models import build_model
     from common.protocol.config import parse_run_config
+    from server.server_app import global_model
     from server.strategy import make_strategy
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what a ServerApp task has
     cfg = parse_run_config(run_config)
-    strategy = make_strategy(cfg, build_model(cfg.model, norm=cfg.resolved_norm, gamma=cfg.gamma))
+    strategy = make_strategy(cfg, global_model(cfg, 10, 3))
     content = strategy.message_for(1, strategy.instructions(1), "train").content
     out.write_bytes(recorddict_to_proto(content).SerializeToString())
     return out

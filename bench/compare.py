@@ -1,76 +1,290 @@
-"""Side-by-side comparison of every method in Flower's simulation engine.
+"""Experiment runner: methods × seeds of one protocol in Flower's simulation engine, then their summary.
 
-``python -m bench.compare`` runs fedmef, fedtiny, feddst, pqsu, fedavg and feddip one after the other
-with the same preset (``conf/compare_fmnist.toml``: LeNet-5, Fashion-MNIST, 10 clients, Dirichlet 0.5,
-s_tm 0.9) and writes ``compare.json`` (the summaries, the command and each run's rounds), ``compare.md`` (the
-table) and ``compare.png`` (accuracy, bytes and memory, all methods) into ``--summary-dir``.
+    python -m bench.compare --protocol cifar10              # the whole matrix, 3 seeds
+    python -m bench.compare --protocol fmnist --runs fedmef,fedtiny --seeds 0
+    python -m bench.compare --protocol cifar10 --summary-only
+
+A protocol is a preset (``conf/*.toml``), a federation size and a matrix of named runs (run-config
+overrides). Each run writes ``bench/results/<protocol>/<run>-s<seed>/results.json``; a run whose
+file holds a summary is finished and skipped, so a matrix started with ``nice`` in the background
+can stop at any time and go on in a later session. An unfinished run's folder is moved aside to
+``<run>-s<seed>.partial`` (ignored by git) before it starts again. The summary (``summary.json``,
+``summary.md``, ``summary.png`` beside the runs) is computed from the run files only: mean ± std and
+min/max over seeds per run, per-round curves with seed bands, the accuracy drop at each server
+adjustment, BaE's squeeze of the marked weights, bytes and memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import shutil
+import statistics
 import sys
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from common.methods import METHODS
 from server.plots import plot_runs
-from server.results import markdown_table, summarize, write_json_atomic
+from server.results import FINAL_ROUNDS, read_results, summarize, write_json_atomic
 from server.simulation import ROOT, run_simulation
 
 RESULTS = ROOT / "bench" / "results"
 
+# The paper's ablations (§4.3) beside its baselines: FedMef without BaE, without SAP (NSConv only),
+# and dense FedAvg with NSConv + SAP.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "fedmef": {"strategy": "fedmef"},
+    "fedmef-no-bae": {"strategy": "fedmef", "bae": "off"},
+    "fedmef-no-sap": {"strategy": "fedmef", "sap": "off"},
+    "fedtiny": {"strategy": "fedtiny"},
+    "feddst": {"strategy": "feddst"},
+    "fedavg": {"strategy": "fedavg"},
+    "fedavg-sap": {"strategy": "fedavg", "norm": "nsconv", "sap": "on"},
+}
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--preset", type=Path, default=ROOT / "conf" / "compare_fmnist.toml")
-    p.add_argument("--supernodes", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=None, help="override the preset's num-server-rounds")
-    p.add_argument("--out", type=Path, default=RESULTS / "compare", help="folder for the runs")
-    p.add_argument("--summary-dir", type=Path, default=RESULTS, help="folder for compare.json, .md and .png")
-    a = p.parse_args()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    runs: dict[str, dict] = {}
-    overrides = {} if a.rounds is None else {"num-server-rounds": a.rounds}
-    for method in a.methods.split(","):
+
+@dataclass(frozen=True)
+class Protocol:
+    preset: str  # conf/<preset>
+    supernodes: int
+    title: str
+    runs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(ABLATIONS))
+    seeds: tuple[int, ...] = (0, 1, 2)
+    timeout_s: float = 5400
+    overrides: dict[str, Any] = field(default_factory=dict)  # on top of the preset, for every run
+
+
+# BaE's settings are chosen on runs of their own: a seed the comparison never uses and the clients'
+# validation splits (fraction-evaluate), never the test set.
+BAE_LAMBDAS = (0.001, 0.01, 0.1, 0.3, 1.0)
+SELECTION_SEED = 100
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "cifar10": Protocol("cifar10_cpu.toml", 100, "ResNet18 (width 8) on CIFAR-10, 100 clients, 10 per round, E = 1"),
+    "fmnist": Protocol(
+        "compare_fmnist.toml",
+        10,
+        "LeNet-5 on Fashion-MNIST, 10 clients, Dirichlet 0.5",
+        runs={**ABLATIONS, "pqsu": {"strategy": "pqsu"}, "feddip": {"strategy": "feddip"}},
+    ),
+    "cifar10-bae": Protocol(
+        "cifar10_cpu.toml",
+        100,
+        "BaE's lambda on the CIFAR-10 protocol (selection seed, 12 rounds, validation accuracy)",
+        runs={f"lambda-{lam:g}": {"strategy": "fedmef", "bae-lambda": lam} for lam in BAE_LAMBDAS},
+        seeds=(SELECTION_SEED,),
+        overrides={"num-server-rounds": 12, "fraction-evaluate": 0.1},
+    ),
+    "fmnist-bae": Protocol(
+        "compare_fmnist.toml",
+        10,
+        "BaE's lambda on the Fashion-MNIST comparison (selection seed, 18 rounds, validation accuracy)",
+        runs={f"lambda-{lam:g}": {"strategy": "fedmef", "bae-lambda": lam} for lam in BAE_LAMBDAS},
+        seeds=(SELECTION_SEED,),
+        overrides={"num-server-rounds": 18, "fraction-evaluate": 1.0},
+    ),
+}
+
+
+def run_folder(protocol: str, run: str, seed: int) -> Path:
+    return RESULTS / protocol / f"{run}-s{seed}"
+
+
+def finished(folder: Path) -> bool:
+    """A run is finished when its results file parses and holds the ServerApp's final summary."""
+    try:
+        return bool(read_results(folder / "results.json").get("summary"))
+    except (OSError, ValueError):
+        return False
+
+
+def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> None:
+    protocol = PROTOCOLS[name]
+    todo = [(run, seed) for run in runs for seed in seeds]
+    for i, (run, seed) in enumerate(todo, start=1):
+        folder = run_folder(name, run, seed)
+        if finished(folder):
+            print(f"[{i}/{len(todo)}] {folder.name}: finished, skipped", flush=True)
+            continue
+        if folder.exists():
+            aside = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            print(f"[{i}/{len(todo)}] {folder.name}: unfinished run moved to {aside.name}", flush=True)
         start = time.time()
-        print(f"[{method}] flwr run with {a.supernodes} SuperNodes ...", flush=True)
-        runs[method] = run_simulation(
-            {**overrides, "strategy": method},
-            a.supernodes,
-            a.out,
-            f"{method}-{stamp}",
-            preset=a.preset,
-            log_path=a.out / f"{method}-{stamp}.log",
-            timeout=5400,
+        print(f"[{i}/{len(todo)}] {folder.name}: flwr run with {protocol.supernodes} SuperNodes ...", flush=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        results = run_simulation(
+            {**protocol.overrides, **protocol.runs[run], "seed": seed},
+            protocol.supernodes,
+            folder.parent,
+            folder.name,
+            preset=ROOT / "conf" / protocol.preset,
+            log_path=folder.parent / f"{folder.name}.log",
+            timeout=protocol.timeout_s,
         )
-        s = runs[method]["summary"]
+        s = results["summary"]
         print(
-            f"[{method}] {len(runs[method]['rounds'])} rounds in {time.time() - start:.0f} s: final acc "
-            f"{s['final_accuracy']:.4f}, {s['bytes_ratio_vs_dense']:.3f}x dense bytes",
+            f"[{i}/{len(todo)}] {folder.name}: {s['rounds']} rounds in {time.time() - start:.0f} s, "
+            f"final acc {s['final_accuracy']:.4f}",
             flush=True,
         )
-    table = markdown_table(runs)
-    write_json_atomic(
-        a.summary_dir / "compare.json",
-        {
-            "command": " ".join([Path(sys.executable).name, "-m", "bench.compare", *sys.argv[1:]]),
-            "preset": str(a.preset.relative_to(ROOT)),
-            "supernodes": a.supernodes,
-            "host": platform.node(),
-            "finished": datetime.now(UTC).isoformat(),
-            "summaries": {m: summarize(r) for m, r in runs.items()},
-            "runs": runs,
-        },
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def adjustment_drops(results: Mapping[str, Any]) -> list[float]:
+    """Per adjustment round: test accuracy just before the server's prune/grow minus just after."""
+    return _finite(
+        r["accuracy_before_adjustment"] - r["accuracy"]
+        for r in results.get("rounds", [])
+        if r.get("accuracy_before_adjustment") is not None and r.get("accuracy") is not None
     )
-    (a.summary_dir / "compare.md").write_text(table + "\n")
-    plot_runs(
-        runs, a.summary_dir / "compare.png", title="LeNet-5 on Fashion-MNIST, 10 clients, Dirichlet 0.5, s_tm 0.9"
-    )
-    print(table)
+
+
+def validation_accuracy(results: Mapping[str, Any]) -> float | None:
+    """The clients' validation accuracy in the last round that has one (``fraction-evaluate`` > 0)."""
+    evals = [r["client_eval"]["eval-acc"] for r in results.get("rounds", []) if r.get("client_eval")]
+    return evals[-1] if evals else None
+
+
+def bae_squeeze(results: Mapping[str, Any]) -> list[float]:
+    """Per adjustment round with BaE: ‖θ_low‖ of the aggregated model over ‖θ_low‖ of the model sent
+    (the server prunes the aggregate), or the clients' mean ratio where the server did not record it."""
+    ratios = []
+    for r in results.get("rounds", []):
+        if r.get("bae_norm_start"):
+            ratios.append(r["bae_norm_end"] / r["bae_norm_start"])
+            continue
+        clients = [
+            c["bae_norm_end"] / c["bae_norm_start"]
+            for c in r.get("clients", [])
+            if c.get("bae_marked") and c.get("bae_norm_start")
+        ]
+        if clients:
+            ratios.append(statistics.fmean(clients))
+    return ratios
+
+
+def summarize_protocol(name: str) -> dict[str, Any]:
+    """Mean ± std and min/max over the finished seeds of every run of ``name``, from the run files."""
+    protocol = PROTOCOLS[name]
+    table: dict[str, Any] = {}
+    curves: dict[str, list[dict]] = {}
+    for run in protocol.runs:
+        seeds = sorted(
+            (int(p.name.rsplit("-s", 1)[1]), p)
+            for p in (RESULTS / name).glob(f"{run}-s*")
+            if p.is_dir() and p.name.rsplit("-s", 1)[1].isdigit() and finished(p)
+        )
+        if not seeds:
+            continue
+        files = [read_results(p / "results.json") for _, p in seeds]
+        summaries = [summarize(f) for f in files]
+        curves[run] = files
+        squeeze = [max(bae_squeeze(f), default=math.nan) for f in files]  # the round that squeezed least
+        table[run] = {
+            "seeds": [s for s, _ in seeds],
+            "final_accuracy": _stats(_finite(s["final_accuracy"] for s in summaries)),
+            "last_accuracy": _stats(_finite(s["last_accuracy"] for s in summaries)),
+            "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
+            "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
+            "adjustment_drop": _stats([statistics.fmean(d) for f in files if (d := adjustment_drops(f))]),
+            "bae_worst_squeeze": _stats(_finite(squeeze)),
+            "bytes_ratio_vs_dense": _stats(_finite(s["bytes_ratio_vs_dense"] for s in summaries)),
+            "activation_mib": _stats(_finite((s["activation_bytes_mean"] or math.nan) / 2**20 for s in summaries)),
+            "peak_rss_mb": _stats(_finite(s["peak_rss_mb_max"] for s in summaries)),
+            "wall_time_s": _stats(_finite(f["run"].get("wall_time_s") for f in files)),
+        }
+    out = RESULTS / name
+    summary = {
+        "protocol": name,
+        "preset": f"conf/{protocol.preset}",
+        "supernodes": protocol.supernodes,
+        "title": protocol.title,
+        "final_means_last_rounds": FINAL_ROUNDS,
+        "computed": datetime.now(UTC).isoformat(),
+        "host": platform.node(),
+        "runs": table,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown_summary(summary))
+    if curves:
+        plot_runs(curves, out / "summary.png", title=protocol.title)
+    return summary
+
+
+def _cell(stats: Mapping[str, Any], scale: float = 1.0, digits: int = 2) -> str:
+    if not stats.get("n"):
+        return "n/a"
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+
+
+def _range(stats: Mapping[str, Any], scale: float = 100.0) -> str:
+    return "n/a" if not stats.get("n") else f"{stats['min'] * scale:.2f}–{stats['max'] * scale:.2f}"
+
+
+def markdown_summary(summary: Mapping[str, Any]) -> str:
+    lines = [
+        f"{summary['title']} (`{summary['preset']}`, {summary['supernodes']} SuperNodes). Accuracy in %: "
+        f"final = mean of the last {summary['final_means_last_rounds']} rounds, mean ± std over seeds.",
+        "",
+        "| run | seeds | final acc | min–max | last acc | validation acc | accuracy drop at adjustment (points) "
+        "| worst BaE ‖θ_low‖ end/start | bytes vs dense | activations MiB | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run, r in summary["runs"].items():
+        lines.append(
+            f"| {run} | {len(r['seeds'])} | {_cell(r['final_accuracy'], 100)} | {_range(r['final_accuracy'])} "
+            f"| {_cell(r['last_accuracy'], 100)} | {_cell(r['val_accuracy'], 100)} "
+            f"| {_cell(r['adjustment_drop'], 100)} "
+            f"| {_cell(r['bae_worst_squeeze'])} | {_cell(r['bytes_ratio_vs_dense'], 1, 3)} "
+            f"| {_cell(r['activation_mib'])} | {_cell(r['peak_rss_mb'], 1, 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="fmnist")
+    p.add_argument("--runs", default="", help="comma-separated runs of the protocol's matrix (default: all)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the protocol's)")
+    p.add_argument("--summary-only", action="store_true", help="only recompute the summary from the run files")
+    a = p.parse_args(argv)
+    protocol = PROTOCOLS[a.protocol]
+    runs = a.runs.split(",") if a.runs else list(protocol.runs)
+    unknown = sorted(set(runs) - set(protocol.runs))
+    if unknown:
+        p.error(f"unknown runs {unknown}; the {a.protocol} matrix has {', '.join(protocol.runs)}")
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(protocol.seeds)
+    if not a.summary_only:
+        run_matrix(a.protocol, runs, seeds)
+    summary = summarize_protocol(a.protocol)
+    print(markdown_summary(summary))
+    print(f"command: {Path(sys.executable).name} -m bench.compare {' '.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":

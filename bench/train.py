@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.data.augment import random_crop_flip
 from common.data.datasets import DataError, load_dataset
 from common.nn.models import NORMS, build_model
 from common.nn.training import TrainStats, batches, evaluate, train_step
@@ -36,11 +37,20 @@ def run(
     seed: int = 0,
     log_every: int = 50,
     test_limit: int | None = None,
+    width: int | None = None,
+    sap_linear: bool = False,
+    augment: bool = False,
 ) -> dict:
     torch.manual_seed(seed)
     data = load_dataset(dataset, data_dir)
     model = build_model(
-        model_name, norm=norm, act_sparsity=act_sparsity, num_classes=data.num_classes, in_channels=data.in_channels
+        model_name,
+        norm=norm,
+        act_sparsity=act_sparsity,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        sap_linear=sap_linear,
+        width=width,
     )
     masks = random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(seed))
     load_masks(model, masks)
@@ -56,7 +66,7 @@ def run(
     start = time.perf_counter()
     while stats.steps < steps:
         for images, labels in batches(data.train, batch, gen):
-            train_step(model, optimizer, images, labels, window)
+            train_step(model, optimizer, random_crop_flip(images, gen) if augment else images, labels, window)
             stats.steps += 1
             if stats.steps % log_every == 0 or stats.steps == steps:
                 curve.append({"step": stats.steps, "train_loss": window.mean_loss})
@@ -73,6 +83,9 @@ def run(
         "dataset": dataset,
         "norm": norm,
         "act_sparsity": act_sparsity,
+        "sap_linear": sap_linear,
+        "width": width,
+        "augment": augment,
         "param_sparsity_target": param_sparsity,
         "param_sparsity": sparsity(model_masks(model)),
         "steps": steps,

@@ -73,6 +73,9 @@ def train(msg: Message, context: Context) -> Message:
     content["metrics"] = MetricRecord(
         {
             "num-examples": result.examples,
+            "train-size": len(data.train),
+            "topk-activation-bytes": result.topk_activation_bytes,
+            "topk-micro-batch": result.topk_micro_batch,
             "batch-size": ins.batch_size,
             "train-loss": result.loss,
             "steps": result.steps,

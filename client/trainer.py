@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from common.data.augment import random_crop_flip
 from common.data.datasets import Split
 from common.measure.accounting import SavedTensorMeter
-from common.nn.layers import _Masked
+from common.nn.layers import _Masked, set_activation_sparsity
 from common.nn.models import Norm, build_model
 from common.nn.training import TrainStats, batches, train_step
 from common.protocol.instructions import Instructions
@@ -43,6 +44,8 @@ class LocalResult:
     marked: int = 0  # BaE: weights marked for extrusion, and their L2 norm before and after the round
     marked_norm_start: float = 0.0
     marked_norm_end: float = 0.0
+    topk_activation_bytes: int = 0  # held by one forward of the adjustment round's gradient pass
+    topk_micro_batch: int = 0
 
 
 def build_local_model(ins: Instructions, num_classes: int, in_channels: int) -> nn.Module:
@@ -53,6 +56,8 @@ def build_local_model(ins: Instructions, num_classes: int, in_channels: int) -> 
         num_classes=num_classes,
         in_channels=in_channels,
         gamma=ins.gamma,
+        sap_linear=ins.sap_linear,
+        width=ins.width,
     )
 
 
@@ -63,18 +68,28 @@ def planned_steps(examples: int, ins: Instructions) -> int:
 
 
 def _stream(data: Split, ins: Instructions, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The round's training batches, randomly cropped and flipped per image when ``augment`` is on."""
     for _ in range(ins.local_epochs):
-        yield from batches(data, ins.batch_size, generator)
+        for images, labels in batches(data, ins.batch_size, generator):
+            yield (random_crop_flip(images, generator) if ins.augment else images), labels
 
 
 def effective_weight_gradients(
-    model: nn.Module, data: Split, batch_size: int, max_batches: int, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Dense ∂L/∂ŵ for every masked layer, ŵ the weight the layer computes with, averaged over batches.
+    model: nn.Module,
+    data: Split,
+    batch_size: int,
+    max_batches: int,
+    generator: torch.Generator,
+    micro_batch: int | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Dense ∂L/∂ŵ for every masked layer, ŵ the weight the layer computes with, averaged over batches,
+    and the activation bytes one forward of the pass held for backward (measured).
 
     A pruned position's gradient is what growing it would start from (RigL, FedTiny). The mask
     multiplies it away in ∂L/∂θ, so the layers run once with ŵ itself as a dense leaf: same forward,
     gradient everywhere. Only this pass holds a dense weight gradient (one per layer, plus its sum).
+    ``micro_batch`` splits each batch into chunks whose gradients add up to the batch's (exact for
+    models without BatchNorm, whose output for one example does not depend on the others).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _Masked)}
     leaves = {f"{name}.weight": m.effective_weight().detach().requires_grad_() for name, m in layers.items()}
@@ -84,19 +99,53 @@ def effective_weight_gradients(
         # An instance attribute shadows the class's weight function (deleted again below); mypy forbids
         # assigning to a method, and setattr with a constant name would trip ruff's B010.
         m.weight_fn = lambda: _as_is  # type: ignore[method-assign]
-    seen = 0
+    seen, held = 0, 0
     try:
         for images, labels in batches(data, batch_size, generator):
-            loss = F.cross_entropy(functional_call(model, overrides, (images,)), labels)
-            for key, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
-                sums[key] += grad
+            for chunk, chunk_labels in zip(
+                images.split(micro_batch or len(images)), labels.split(micro_batch or len(labels)), strict=True
+            ):
+                with SavedTensorMeter(model, leaves.values()) as meter:
+                    logits = functional_call(model, overrides, (chunk,))
+                held = max(held, meter.held.activation_bytes)
+                loss = F.cross_entropy(logits, chunk_labels, reduction="sum") / len(labels)
+                for key, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
+                    sums[key] += grad
             seen += 1
             if seen >= max_batches:
                 break
     finally:
         for m in layers.values():
             del m.weight_fn
-    return {key: total / max(seen, 1) for key, total in sums.items()}
+    return {key: total / max(seen, 1) for key, total in sums.items()}, held
+
+
+def gradient_pass(
+    model: nn.Module, data: Split, ins: Instructions, generator: torch.Generator, step_bytes: int
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The dense gradient of an adjustment round (top-K or FedDST), its held activation bytes and the
+    micro-batch it ran at.
+
+    ``topk-pass = sap`` runs the layers as they train: under SAP the gradients of pruned positions come
+    from pruned activations (the grown positions then matched the exact top-K on only 59-84 % of SAP
+    layers). ``exact`` switches SAP off and splits each batch into micro-batches whose exact activations
+    take no more than a training step held (``step_bytes``), so the pass is exact without raising the
+    client's peak memory. Without SAP both are the plain full-batch pass.
+    """
+    if ins.topk_pass == "sap" or ins.act_sparsity is None:
+        grads, held = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)
+        return grads, held, ins.batch_size
+    set_activation_sparsity(model, None)
+    try:
+        probe = min(ins.batch_size, len(data), 4)
+        per_example = _held_activation_bytes(model, None, data.images[:probe]) / probe
+        micro = max(1, min(ins.batch_size, int(step_bytes // max(per_example, 1.0))))
+        grads, held = effective_weight_gradients(
+            model, data, ins.batch_size, ins.grad_batches, generator, micro_batch=micro
+        )
+    finally:
+        set_activation_sparsity(model, ins.act_sparsity)
+    return grads, held, micro
 
 
 def _as_is(theta: torch.Tensor, mask: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
@@ -155,7 +204,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
             if stats.steps >= total:
                 break
             if ins.adjust_local and ins.adjusting and stats.steps == total // 2:
-                _adjust_locally(model, masks, counts, data, ins, generator)
+                _adjust_locally(model, masks, counts, data, ins, generator, activation_bytes)
             if marks:
                 lr = budget_lr(ins.lr, ins.eta0, stats.steps, total, marked_norm(weights, marks))
                 for group in optimizer.param_groups:
@@ -164,9 +213,9 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     finally:
         for hook in hooks:
             hook.remove()
-    topk = None
+    topk, pass_bytes, micro = None, 0, 0
     if ins.topk and ins.adjusting:
-        grads = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)
+        grads, pass_bytes, micro = gradient_pass(model, data, ins, generator, activation_bytes)
         topk = topk_pruned_gradients(grads, masks, counts)
     return LocalResult(
         stats.examples,
@@ -179,15 +228,23 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
         sum(int(m.sum()) for m in marks.values()),
         norm_start,
         marked_norm(weights, marks) if marks else 0.0,
+        pass_bytes,
+        micro,
     )
 
 
 def _adjust_locally(
-    model: nn.Module, masks: Masks, counts: dict[str, int], data: Split, ins: Instructions, generator: torch.Generator
+    model: nn.Module,
+    masks: Masks,
+    counts: dict[str, int],
+    data: Split,
+    ins: Instructions,
+    generator: torch.Generator,
+    step_bytes: int,
 ) -> None:
     """FedDST: drop the smallest active and grow the largest-gradient pruned weights, once per
     adjustment round, in the middle of local training (paper §4.1: 5 epochs, adjust, 5 epochs)."""
-    grads = effective_weight_gradients(model, data, ins.batch_size, ins.grad_batches, generator)
+    grads, _, _ = gradient_pass(model, data, ins, generator, step_bytes)
     weights = prunable_weights(model)
     new_masks, new_weights = prune_and_grow({n: w.detach() for n, w in weights.items()}, masks, grads, counts)
     masks.update(new_masks)  # the optimizer hooks hold this dict, so they follow the new structure

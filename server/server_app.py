@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from common.data.datasets import DataError, Split, load_dataset
 from common.nn.models import Norm, build_model
@@ -33,17 +34,23 @@ from server.strategy import SparseStrategy, make_strategy
 app = ServerApp()
 
 
+def global_model(cfg: RunConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """The run's model as the server holds it: plain autograd (SAP only matters where it trains)."""
+    return build_model(
+        cfg.model,
+        norm=cast(Norm, cfg.resolved_norm),  # parse_run_config has checked it is one of NORMS
+        num_classes=num_classes,
+        in_channels=in_channels,
+        gamma=cfg.gamma,
+        width=cfg.width,
+    )
+
+
 class GlobalEvaluator:
     """Accuracy of the global model on the (optionally capped) test set, in a no-SAP copy of the model."""
 
     def __init__(self, cfg: RunConfig, test: Split, num_classes: int, in_channels: int):
-        self.model = build_model(
-            cfg.model,
-            norm=cast(Norm, cfg.resolved_norm),  # parse_run_config has checked it is one of NORMS
-            num_classes=num_classes,
-            in_channels=in_channels,
-            gamma=cfg.gamma,
-        )
+        self.model = global_model(cfg, num_classes, in_channels)
         self.test = test
         self.batch_size = cfg.eval_batch_size
 
@@ -97,13 +104,7 @@ def main(grid: Grid, context: Context) -> None:
     test = data.test
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
         test = Split(test.images[: cfg.max_test_examples], test.labels[: cfg.max_test_examples])
-    template = build_model(
-        cfg.model,
-        norm=cast(Norm, cfg.resolved_norm),  # parse_run_config has checked it is one of NORMS
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        gamma=cfg.gamma,
-    )
+    template = global_model(cfg, data.num_classes, data.in_channels)
     out = run_dir(cfg)
     results = ResultsLog(
         out / "results.json",
@@ -143,7 +144,7 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels)
-    strategy = make_strategy(cfg, template)
+    strategy = make_strategy(cfg, template, evaluator)
     evaluate_round = round_evaluation(strategy, evaluator, on_record)
     strategy.start(
         grid,

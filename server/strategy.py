@@ -3,7 +3,7 @@
 The server owns the global weights, the masks and every schedule. Each round it builds one message per
 sampled node (the mask travels only to nodes that do not hold the current version), checks every reply
 (a malformed one is dropped with a logged reason; the round goes on with the others), aggregates by
-example count and, in adjustment rounds, changes the structure:
+|D_k| (each client's training-set size) and, in adjustment rounds, changes the structure:
 
 - FedMef / FedTiny (Algorithm 1, lines 25-36): weighted sparse average, weighted sum of the clients'
   top-K gradients, per layer drop the ξ smallest active weights and grow the ξ old-pruned positions
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any, ClassVar, cast
@@ -59,6 +59,7 @@ from common.pruning.adjustment import (
     prune_and_grow,
     sum_topk_gradients,
 )
+from common.pruning.bae import mark_low, marked_norm
 from common.pruning.masks import Distribution, Masks, layer_sparsity, magnitude_masks, random_masks, sparsity
 from common.pruning.schedules import (
     adjust_counts,
@@ -69,7 +70,10 @@ from common.pruning.schedules import (
     round_learning_rate,
 )
 
-# How long a round waits for enough nodes to connect before it gives up, and how often it looks.
+# (loss, accuracy) of a global model given as its state and masks, on the server's test set
+Evaluator = Callable[[dict[str, torch.Tensor], Masks], tuple[float, float]]
+
+# How often a round looks again while it waits for enough nodes to connect.
 NODE_WAIT_POLL_S = 1.0
 
 
@@ -78,11 +82,19 @@ class Contribution:
     """One accepted reply, decoded into full-shape tensors."""
 
     node_id: int
-    examples: int
+    examples: int  # processed in the round (steps × batch): a metric, the weight of the mean loss
+    train_size: int  # |D_k|, the client's training examples: its weight in every aggregation
     state: dict[str, torch.Tensor]
     masks: Masks | None  # the structure ``state`` lives under when it differs from the global one
     topk: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     metrics: dict
+
+
+def data_weights(contributions: list[Contribution]) -> list[float]:
+    """|D_k| / Σ|D_k| (Algorithm 1, line 26). Not the examples processed: under a step cap every client
+    processes the same number, and clients with 200 and 2000 examples would weigh 0.5 / 0.5."""
+    total = sum(c.train_size for c in contributions)
+    return [c.train_size / total for c in contributions]
 
 
 @dataclass
@@ -100,6 +112,8 @@ class RoundState:
     client_eval: dict | None = None
     sparsity: float | None = None
     layer_sparsity: dict[str, float] | None = None
+    accuracy_before_adjustment: float | None = None
+    bae_norm: tuple[float, float] | None = None  # ‖θ_low‖ of the global model sent and of the aggregate
 
 
 def _scalar(value: int | float | list[int] | list[float]) -> int | float:
@@ -129,8 +143,9 @@ class SparseStrategy(Strategy):
         cls.method, cls.mode = method, METHODS[method].mode
         SparseStrategy.registry[method] = cls
 
-    def __init__(self, cfg: RunConfig, template: nn.Module):
+    def __init__(self, cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None):
         self.cfg = cfg
+        self.evaluator = evaluator  # test accuracy just before a server prune/grow (the paper's Fig. 1)
         self.layout = ModelLayout.of(template)
         full = template.state_dict()
         self.state = {name: full[name].detach().clone().float() for name, _ in self.layout.masked + self.layout.dense}
@@ -158,8 +173,10 @@ class SparseStrategy(Strategy):
         return Instructions(
             server_round=server_round,
             model=cfg.model,
+            width=cfg.width,
             norm=cfg.resolved_norm,
             s_ta=cfg.s_ta if cfg.sap_on else -1.0,
+            sap_linear=cfg.sap_linear,
             gamma=cfg.gamma,
             mode=self.mode,
             mask_version=self.mask_version,
@@ -170,12 +187,14 @@ class SparseStrategy(Strategy):
             local_epochs=cfg.local_epochs,
             max_local_steps=cfg.max_local_steps,
             batch_size=cfg.batch_size,
+            augment=cfg.augment,
             seed=cfg.seed * 100_003 + server_round,
             counts=[],
             bae=False,
             bae_lambda=cfg.bae_lambda,
             topk=False,
             grad_batches=cfg.grad_batches,
+            topk_pass=cfg.topk_pass,
             adjust_local=False,
             reg_lambda=0.0,
         )
@@ -239,7 +258,15 @@ class SparseStrategy(Strategy):
         if not accepted:
             log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
             return None, None
+        marks = self._bae_marks(ins)
+        low_start = marked_norm(self.state, marks) if marks else None
         self.aggregate(accepted)
+        if marks:
+            # the squeeze that matters is the aggregate's: the server prunes the averaged weights
+            state.bae_norm = (cast(float, low_start), marked_norm(self.state, marks))
+        if ins.adjusting and self.evaluator is not None and METHODS[self.method].adjustment == "server-topk":
+            # the aggregated model under the old mask; the round's own evaluation is the one after
+            _, state.accuracy_before_adjustment = self.evaluator(self.global_state(), self.masks)
         if self.restructure(server_round, ins, accepted):
             self.mask_version += 1
         self._prune_state()
@@ -319,6 +346,10 @@ class SparseStrategy(Strategy):
             record.update(sparsity=state.sparsity, layer_sparsity=state.layer_sparsity)
         if state.client_eval is not None:
             record["client_eval"] = state.client_eval
+        if state.accuracy_before_adjustment is not None:
+            record["accuracy_before_adjustment"] = state.accuracy_before_adjustment
+        if state.bae_norm is not None:
+            record["bae_norm_start"], record["bae_norm_end"] = state.bae_norm
         return record
 
     # ---------------------------------------------------------------- aggregation
@@ -329,6 +360,9 @@ class SparseStrategy(Strategy):
         examples = metrics.get("num-examples")
         if not isinstance(examples, int) or examples <= 0:
             raise WireError(f"num-examples must be a positive int, got {examples!r}")
+        train_size = metrics.get("train-size")
+        if not isinstance(train_size, int) or train_size <= 0:
+            raise WireError(f"train-size (the client's |D_k|) must be a positive int, got {train_size!r}")
         loss = metrics.get("train-loss")
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise WireError(f"train-loss must be a finite float, got {loss!r}")
@@ -352,6 +386,9 @@ class SparseStrategy(Strategy):
         client_metrics: dict[str, Any] = {
             "partition_id": metrics.get("partition-id"),
             "examples": examples,
+            "train_size": train_size,
+            "topk_activation_bytes": metrics.get("topk-activation-bytes"),
+            "topk_micro_batch": metrics.get("topk-micro-batch"),
             "loss": metrics["train-loss"],
             "train_time_s": metrics.get("train-time-s"),
             "cpu_time_s": metrics.get("cpu-time-s"),
@@ -366,17 +403,17 @@ class SparseStrategy(Strategy):
         }
         if "device" in content:
             client_metrics["device"] = dict(content["device"])
-        return Contribution(node, examples, state, masks, topk, client_metrics)
+        return Contribution(node, examples, train_size, state, masks, topk, client_metrics)
 
     def reply_masks(self, content: RecordDict, ins: Instructions) -> Masks | None:
         """The structure a reply's values live under when it is not the global mask (FedDST)."""
         return None
 
     def aggregate(self, contributions: list[Contribution]) -> None:
-        """Weighted average by examples (Algorithm 1, line 26); pruned entries are 0 in every reply."""
-        total = sum(c.examples for c in contributions)
+        """Average weighted by |D_k| (Algorithm 1, line 26); pruned entries are 0 in every reply."""
+        weights = data_weights(contributions)
         for name in self.state:
-            self.state[name] = sum(c.state[name] * (c.examples / total) for c in contributions)
+            self.state[name] = sum(c.state[name] * w for c, w in zip(contributions, weights, strict=True))
 
     # ---------------------------------------------------------------- helpers
 
@@ -451,6 +488,14 @@ class SparseStrategy(Strategy):
             self.round.sent[node] = (self.mask_version, content_bytes(content))
         return Message(content=content, dst_node_id=node, message_type=message_type)
 
+    def _bae_marks(self, ins: Instructions) -> Masks:
+        """θ_low as every client marks it on receipt (eq. 2: the ξ smallest active weights of the model
+        the server sent), or nothing outside a BaE round."""
+        if not (ins.bae and ins.adjusting):
+            return {}
+        counts = dict(zip(self.masks, ins.counts, strict=True))
+        return mark_low({name: self.state[name] for name in self.masks}, self.masks, counts)
+
     def _current_round(self, server_round: int) -> RoundState:
         if self.round is None or self.round.number != server_round:
             raise RuntimeError(f"round {server_round} was not configured by this strategy's configure_train")
@@ -475,10 +520,10 @@ class FedMef(SparseStrategy, method="fedmef"):
     def restructure(self, server_round: int, ins: Instructions, contributions: list[Contribution]) -> bool:
         if not ins.adjusting:
             return False
-        total = sum(c.examples for c in contributions)
         # read_reply rejects a reply without top-K gradients in an adjustment round, so no c.topk is None here
         weighted = [
-            (c.examples / total, cast(dict[str, tuple[torch.Tensor, torch.Tensor]], c.topk)) for c in contributions
+            (w, cast(dict[str, tuple[torch.Tensor, torch.Tensor]], c.topk))
+            for c, w in zip(contributions, data_weights(contributions), strict=True)
         ]
         scores = sum_topk_gradients(weighted, self.layout.masked_shapes)
         counts = dict(zip(self.masks, ins.counts, strict=True))
@@ -524,16 +569,19 @@ class FedDST(SparseStrategy, method="feddst"):
     def aggregate(self, contributions: list[Contribution]) -> None:
         if all(c.masks is None for c in contributions):
             return super().aggregate(contributions)
-        total = sum(c.examples for c in contributions)
+        weights = data_weights(contributions)
         weighted = [
-            (c.examples / total, {n: c.state[n] for n in self.masks}, c.masks or self.masks) for c in contributions
+            (w, {n: c.state[n] for n in self.masks}, c.masks or self.masks)
+            for c, w in zip(contributions, weights, strict=True)
         ]
         averaged, union = masked_average(weighted)
         keep = {name: int(mask.sum()) for name, mask in self.masks.items()}
         self.masks = magnitude_masks_within(averaged, union, keep)
         for name in self.state:
             self.state[name] = (
-                averaged[name] if name in averaged else sum(c.state[name] * (c.examples / total) for c in contributions)
+                averaged[name]
+                if name in averaged
+                else sum(c.state[name] * w for c, w in zip(contributions, weights, strict=True))
             )
 
     def restructure(self, server_round: int, ins: Instructions, contributions: list[Contribution]) -> bool:
@@ -579,8 +627,8 @@ class FedDIP(SparseStrategy, method="feddip"):
         return True
 
 
-def make_strategy(cfg: RunConfig, template: nn.Module) -> SparseStrategy:
-    return SparseStrategy.registry[cfg.strategy](cfg, template)
+def make_strategy(cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None) -> SparseStrategy:
+    return SparseStrategy.registry[cfg.strategy](cfg, template, evaluator)
 
 
 missing = set(METHODS) - set(SparseStrategy.registry)

@@ -137,8 +137,27 @@ def test_structure(name, norm, s):
             assert conv.act_sparsity is None and not conv.sap_capable
         else:
             assert conv.act_sparsity == s and conv.sap_capable, cname
-    assert all(m.act_sparsity == s for m in linears)
+    # SAP's scope is the convolutions (§3.4); linear layers keep their exact inputs
+    assert all(m.act_sparsity is None and not m.sap_capable for m in linears)
     assert all(m.bitmask == (s is not None) for m in mods if isinstance(m, ReLU))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
+def test_sap_on_linear_layers_is_an_option(name):
+    model = build_model(name, "nsconv", 0.9, sap_linear=True)
+    linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert linears and all(m.act_sparsity == 0.9 and m.sap_capable for m in linears)
+    set_activation_sparsity(model, None)
+    assert all(m.act_sparsity is None for m in linears)
+
+
+def test_resnet_base_width_scales_every_stage():
+    narrow = build_model("resnet18", "nsconv", width=16)
+    convs = [m for m in narrow.modules() if isinstance(m, SparseConv2d)]
+    assert convs[0].out_channels == 16 and max(c.out_channels for c in convs) == 128
+    assert narrow.fc.in_features == 128
+    with pytest.raises(ValueError, match="base width"):
+        build_model("lenet5", "nsconv", width=16)
 
 
 @pytest.mark.parametrize("name", list(INPUT))
@@ -285,14 +304,21 @@ def _largest_activation(model, x):
         "alexnet",
     ],
 )
-def test_sap_model_holds_no_full_activation(name):
-    """With SAP, the only full-size float tensor autograd holds is the input batch (the stem does
-    not prune it: the training loop holds it anyway)."""
+@pytest.mark.parametrize("sap_linear", [False, True])
+def test_sap_model_holds_no_full_activation(name, sap_linear):
+    """With SAP, the only full-size float tensors autograd holds are the input batch (the stem does
+    not prune it: the training loop holds it anyway) and, unless SAP covers them too, the inputs of
+    the linear layers."""
     torch.manual_seed(0)
-    model = build_model(name, "nsconv", 0.9)
+    model = build_model(name, "nsconv", 0.9, sap_linear=sap_linear)
     x = torch.randn(2, *INPUT[name])
     saved = _saved_storages(model, x)
     assert saved.pop(x.untyped_storage().data_ptr())[0] == x.nbytes
+    linear_inputs = [(2, m.in_features) for m in model.modules() if isinstance(m, SparseLinear)]
+    if not sap_linear:
+        kept = [v for v in saved.values() if v[1] in linear_inputs]
+        assert sorted(v[1] for v in kept) == sorted(linear_inputs)
+        saved = {k: v for k, v in saved.items() if v[1] not in linear_inputs}
     # SAP caches are flat (values, bitmaps); a saved tensor with the shape of a feature map is a
     # full activation kept alive, and int64 (pooling indices) costs more than the activation
     offenders = [v for v in saved.values() if (len(v[1]) >= 2 and v[2].is_floating_point) or v[2] == torch.int64]

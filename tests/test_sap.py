@@ -347,8 +347,8 @@ def test_plain_layer_holds_its_input():
     assert meter.held.activation_bytes == x.nbytes
 
 
-def _conv_net(act_sparsity):
-    f = LayerFactory("nsconv", act_sparsity)
+def _conv_net(act_sparsity, sap_linear=False):
+    f = LayerFactory("nsconv", act_sparsity, sap_linear=sap_linear)
     return nn.Sequential(
         f.conv(3, 32, 3, after_relu=False, stem=True),
         f.relu(),
@@ -391,13 +391,14 @@ def test_sap_conv_net_keeps_no_full_activation():
     assert rec.saved and all(size < 0.15 * full_layer for size, _, _ in rec.saved.values()), rec.saved
 
 
-def test_set_activation_sparsity_switches_layers_but_not_stem():
-    net = _conv_net(None)
+@pytest.mark.parametrize("sap_linear", [False, True])
+def test_set_activation_sparsity_switches_layers_but_not_stem(sap_linear):
+    net = _conv_net(None, sap_linear)
     set_activation_sparsity(net, 0.9)
     convs = [m for m in net if isinstance(m, SparseConv2d)]
     assert convs[0].act_sparsity is None
     assert all(c.act_sparsity == 0.9 for c in convs[1:])
-    assert net[-1].act_sparsity == 0.9
+    assert net[-1].act_sparsity == (0.9 if sap_linear else None)  # the head only where SAP covers linears
     assert all(m.bitmask for m in net if isinstance(m, ReLU))
     set_activation_sparsity(net, None)
     assert all(c.act_sparsity is None for c in convs) and net[-1].act_sparsity is None

@@ -14,9 +14,10 @@ from common.methods import METHODS
 from common.nn.models import build_model
 from common.protocol.config import parse_run_config
 from common.protocol.wire import decode_positions, from_array_record, to_array_record
+from common.pruning.adjustment import sum_topk_gradients
 from common.pruning.schedules import feddip_sparsity
 from server.server_app import GlobalEvaluator, round_evaluation
-from server.strategy import SparseStrategy, make_strategy
+from server.strategy import Contribution, SparseStrategy, data_weights, make_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 3
@@ -51,8 +52,9 @@ def federation(fmnist, tamper=None, **overrides):
     template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
     test = Split(fmnist.test.images[:200], fmnist.test.labels[:200])
     records: list[dict] = []
-    strategy = make_strategy(cfg, template)
-    strategy.evaluate_round = round_evaluation(strategy, GlobalEvaluator(cfg, test, 10, 1), records.append)
+    evaluator = GlobalEvaluator(cfg, test, 10, 1)
+    strategy = make_strategy(cfg, template, evaluator)
+    strategy.evaluate_round = round_evaluation(strategy, evaluator, records.append)
     return strategy, LoopbackGrid(NODES, rc, tamper), records
 
 
@@ -94,6 +96,25 @@ def test_fedmef_adjustment_keeps_exact_sparsity_and_grows_at_zero(fmnist):
     assert all(int(grown[n].sum()) == int(dropped[n].sum()) for n in grown)
     assert all(torch.all(strategy.global_state()[n][grown[n]] == 0) for n in grown)
     assert abs(strategy.round_record()["sparsity"] - 0.9) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["fedmef", "fedtiny"])
+def test_the_accuracy_just_before_each_server_adjustment_is_recorded(fmnist, method):
+    strategy, grid, records = federation(fmnist, strategy=method)
+    play(strategy, grid, 2)  # delta-r 2: round 2 adjusts
+    assert "accuracy_before_adjustment" not in records[1]
+    before, after = records[2]["accuracy_before_adjustment"], records[2]["accuracy"]
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+
+
+def test_with_the_default_settings_a_bae_round_halves_the_marked_weights_of_the_aggregate(fmnist):
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    local = {key: defaults[key] for key in ("max-local-steps", "batch-size", "grad-batches", "bae-lambda", "lr")}
+    strategy, grid, records = federation(fmnist, **local)
+    play(strategy, grid, 2)  # round 2 adjusts
+    start, end = records[2]["bae_norm_start"], records[2]["bae_norm_end"]
+    assert 0 < end <= 0.5 * start, (start, end)
+    assert "bae_norm_start" not in records[1]
 
 
 def test_bae_marks_active_weights_and_squeezes_them(fmnist):
@@ -138,24 +159,42 @@ def test_masks_travel_only_to_nodes_without_the_current_version(fmnist):
 # ---------------------------------------------------------------------------------------------- replies
 
 
-def _set_values(reply: Message, value: float, examples: int) -> Message:
+def _set_values(reply: Message, value: float, train_size: int, key: str = "train-size") -> Message:
     arrays = from_array_record(reply.content["model"])
     arrays["values"] = np.full_like(arrays["values"], value)
     reply.content["model"] = to_array_record(arrays)
     metrics = dict(reply.content["metrics"])
-    metrics["num-examples"] = examples
+    metrics[key] = train_size
     reply.content["metrics"] = MetricRecord(metrics)
     return reply
 
 
-def test_aggregation_is_weighted_by_examples(fmnist):
-    plan = {0: (1.0, 100), 1: (3.0, 300), 2: (5.0, 600)}
-    strategy, grid, _ = federation(fmnist, tamper=lambda i, r: _set_values(r, *plan[i]), **{"delta-r": 100})
+@pytest.mark.parametrize("method", ["fedmef", "feddst", "fedavg", "feddip"])
+def test_aggregation_is_weighted_by_the_clients_training_set_sizes(fmnist, method):
+    # every client processes the same 4 x 16 examples (the step cap); only |D_k| differs: 200, 2000, 800
+    plan = {0: (1.0, 200), 1: (3.0, 2000), 2: (5.0, 800)}
+    strategy, grid, _ = federation(
+        fmnist, tamper=lambda i, r: _set_values(r, *plan[i]), strategy=method, **{"delta-r": 100}
+    )
     play(strategy, grid, 1)
-    expected = (1.0 * 100 + 3.0 * 300 + 5.0 * 600) / 1000
+    expected = (1.0 * 200 + 3.0 * 2000 + 5.0 * 800) / 3000  # weights 0.067 / 0.667 / 0.267
     for name, mask in strategy.masks.items():
         values = strategy.global_state()[name][mask]
         assert torch.allclose(values, torch.full_like(values, expected))
+    assert [c["examples"] for c in strategy.round_record()["clients"]] == [64] * NODES
+
+
+def test_top_k_gradients_are_summed_with_training_set_size_weights():
+    grads = {"w": (torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))}
+    other = {"w": (torch.tensor([1, 2]), torch.tensor([4.0, 8.0]))}
+    contributions = [
+        Contribution(1, 64, 200, {}, None, grads, {}),
+        Contribution(2, 64, 1800, {}, None, other, {}),
+    ]
+    weights = data_weights(contributions)
+    assert weights == pytest.approx([0.1, 0.9])
+    scores = sum_topk_gradients(list(zip(weights, [grads, other], strict=True)), {"w": (4,)})
+    assert torch.allclose(scores["w"], torch.tensor([0.1, 0.1 + 3.6, 7.2, 0.0]))
 
 
 def _corrupt(kind: str):
@@ -165,8 +204,8 @@ def _corrupt(kind: str):
         if kind == "missing":
             del reply.content["model"]
             return reply
-        if kind == "examples":
-            return _set_values(reply, 0.0, -5)
+        if kind in ("examples", "train-size"):
+            return _set_values(reply, 0.0, -5, key="num-examples" if kind == "examples" else "train-size")
         arrays = from_array_record(reply.content["model"])
         if kind == "nan":
             arrays["values"][0] = np.nan
@@ -184,7 +223,7 @@ def _corrupt(kind: str):
     return tamper
 
 
-@pytest.mark.parametrize("kind", ["missing", "examples", "nan", "inf", "shape", "topk-range"])
+@pytest.mark.parametrize("kind", ["missing", "examples", "train-size", "nan", "inf", "shape", "topk-range"])
 def test_a_malformed_reply_is_rejected_and_the_round_goes_on(fmnist, kind, caplog):
     strategy, grid, _ = federation(fmnist, tamper=_corrupt(kind), **{"delta-r": 1})
     before = {n: t.clone() for n, t in strategy.global_state().items()}

@@ -9,6 +9,7 @@ FLOPs from per-layer multiply-accumulates.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,13 @@ class SavedTensorMeter:
     :attr:`held` before calling backward.
     """
 
-    def __init__(self, model: nn.Module | None = None):
-        state = [*model.parameters(), *model.buffers()] if model is not None else []
+    def __init__(self, model: nn.Module | None = None, state: Iterable[torch.Tensor] = ()):
+        """``state``: more tensors to count as model state (weights a functional call passes in)."""
+        state = [
+            *(model.parameters() if model is not None else ()),
+            *(model.buffers() if model is not None else ()),
+            *state,
+        ]
         self._model_storages = {t.untyped_storage().data_ptr() for t in state}
         self._seen: set[int] = set()
         self.held = HeldBytes()

@@ -14,12 +14,15 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from common.methods import METHODS, Method
-from common.nn.models import MODELS, NORMS
+from common.nn.models import DEFAULT_WIDTH, MODELS, NORMS, WIDTH_MODELS
 from common.nn.nsconv import RELU_GAMMA
 
 DATASETS = ("fashion-mnist", "cifar10", "cinic10", "tiny-imagenet")
 PARTITIONERS = ("dirichlet", "iid")
 SWITCH = ("auto", "on", "off")
+# The top-K gradient pass: exact activations over micro-batches that hold no more than a SAP step,
+# or the SAP layers as they train (approximate gradients, about one batch of memory).
+TOPK_PASSES = ("exact", "sap")
 
 
 class ConfigError(ValueError):
@@ -36,9 +39,11 @@ class RunConfig:
 
     strategy: str = "fedmef"
     model: str = "lenet5"
+    width: int = DEFAULT_WIDTH
     dataset: str = "fashion-mnist"
     data_dir: str = ""
     download: bool = False
+    augment: bool = False
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     val_fraction: float = 0.1
@@ -59,13 +64,15 @@ class RunConfig:
     density: str = "erk"
     norm: str = "auto"
     sap: str = "auto"
+    sap_linear: bool = False
     bae: str = "auto"
     gamma: float = RELU_GAMMA
     delta_r: int = 2
     r_stop: int = 5
     adjust_alpha: float = 0.2
-    bae_lambda: float = 1e-3
+    bae_lambda: float = 0.3
     grad_batches: int = 4
+    topk_pass: str = "exact"
     feddip_s0: float = 0.5
     feddip_interval: int = 2
     feddip_lambda_max: float = 1e-3
@@ -149,6 +156,11 @@ def _range_errors(c: RunConfig) -> list[str]:
     choice("dataset", c.dataset, DATASETS)
     choice("partitioner", c.partitioner, PARTITIONERS)
     choice("density", c.density, ("erk", "uniform"))
+    choice("topk-pass", c.topk_pass, TOPK_PASSES)
+    need(
+        c.width == DEFAULT_WIDTH or c.model in WIDTH_MODELS,
+        f"width = {c.width}: only {', '.join(WIDTH_MODELS)} take a base width other than {DEFAULT_WIDTH}",
+    )
     choice("norm", c.norm, ("auto", *NORMS))
     choice("sap", c.sap, SWITCH)
     choice("bae", c.bae, SWITCH)
@@ -167,6 +179,7 @@ def _range_errors(c: RunConfig) -> list[str]:
         "feddip-lambda-steps",
         "eval-batch-size",
         "grad-batches",
+        "width",
     ):
         value = getattr(c, key.replace("-", "_"))
         need(value >= 1, f"{key} = {value}: must be >= 1")

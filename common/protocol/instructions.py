@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from common.methods import MODES
-from common.protocol.config import typed_value
+from common.protocol.config import TOPK_PASSES, typed_value
 
 
 class ProtocolError(ValueError):
@@ -32,8 +32,10 @@ class Instructions:
 
     server_round: int
     model: str
+    width: int
     norm: str
     s_ta: float  # < 0: SAP off
+    sap_linear: bool
     gamma: float
     mode: str
     mask_version: int
@@ -44,12 +46,14 @@ class Instructions:
     local_epochs: int
     max_local_steps: int
     batch_size: int
+    augment: bool
     seed: int
     counts: list[int]
     bae: bool
     bae_lambda: float
     topk: bool
     grad_batches: int
+    topk_pass: str
     adjust_local: bool
     reg_lambda: float
 
@@ -79,6 +83,8 @@ class Instructions:
         ins = cls(**kwargs)
         if ins.mode not in MODES:
             raise ProtocolError(f"unknown training mode {ins.mode!r}; expected one of {MODES}")
+        if ins.topk_pass not in TOPK_PASSES:
+            raise ProtocolError(f"unknown top-K pass {ins.topk_pass!r}; expected one of {TOPK_PASSES}")
         if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
             raise ProtocolError("batch-size and local-epochs must be >= 1 and lr > 0")
         return ins

@@ -24,7 +24,7 @@ def sum_topk_gradients(
     """``g_l = sum_k w_k g_k,l`` (Alg. 1, line 29) of the clients' sparse top-K gradients, as dense
     float32 tensors of ``shapes``; an entry a client did not send counts as 0.
 
-    Each reply is (weight, {layer: (flat indices, values)}); the weights are the example-count
+    Each reply is (weight, {layer: (flat indices, values)}); the weights are the clients' |D_k|
     shares, chosen by the caller.
     """
     totals = {name: torch.zeros(math.prod(shape), dtype=torch.float32) for name, shape in shapes.items()}

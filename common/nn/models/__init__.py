@@ -21,6 +21,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "alexnet": alexnet,
 }
 
+WIDTH_MODELS = ("resnet18", "resnet34", "resnet50")
+DEFAULT_WIDTH = 64
+
 
 def build_model(
     name: str,
@@ -29,17 +32,25 @@ def build_model(
     num_classes: int = 10,
     in_channels: int | None = None,
     gamma: float = RELU_GAMMA,
+    sap_linear: bool = False,
+    width: int | None = None,
 ) -> nn.Module:
     """Build ``name`` with the given norm (``batchnorm | nsconv | none``) and SAP setting.
 
-    ``act_sparsity=None`` trains with plain autograd; a float ``s_ta`` turns SAP on.
+    ``act_sparsity=None`` trains with plain autograd; a float ``s_ta`` turns SAP on for the
+    convolutions, and for the linear layers too with ``sap_linear``. ``width``: the ResNets' base width
+    (None or 64: He et al.'s); other models take only the default.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    kwargs = {"num_classes": num_classes}
+    kwargs: dict[str, int] = {"num_classes": num_classes}
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
-    return MODELS[name](LayerFactory(norm, act_sparsity, gamma), **kwargs)
+    if name in WIDTH_MODELS and width is not None:
+        kwargs["base_width"] = width
+    elif width not in (None, DEFAULT_WIDTH):
+        raise ValueError(f"a base width is defined for {', '.join(WIDTH_MODELS)}, not {name!r}")
+    return MODELS[name](LayerFactory(norm, act_sparsity, gamma, sap_linear), **kwargs)
 
 
-__all__ = ["MODELS", "NORMS", "LayerFactory", "build_model"]
+__all__ = ["DEFAULT_WIDTH", "MODELS", "NORMS", "WIDTH_MODELS", "LayerFactory", "build_model"]

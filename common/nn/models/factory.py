@@ -20,12 +20,16 @@ class LayerFactory:
 
     ``norm``: ``batchnorm`` (conv-BN-ReLU), ``nsconv`` (NSConv-ReLU, no BatchNorm anywhere) or
     ``none`` (plain sparse conv, no normalisation). ``act_sparsity``: ``None`` for plain autograd,
-    else SAP's ``s_ta`` for every layer except the stem. ``gamma``: NSConv's γ after a ReLU (eq. 7).
+    else SAP's ``s_ta`` for every convolution except the stem. ``gamma``: NSConv's γ after a ReLU
+    (eq. 7). ``sap_linear`` extends SAP to the linear layers, which the paper leaves out: they have no
+    NSConv, and their pruned-activation gradients are the worst approximated (cosine 0.5-0.7 with the
+    exact gradient on classifier heads at s_ta 0.9, against about 0.8 on convolutions).
     """
 
     norm: Norm = "nsconv"
     act_sparsity: float | None = None
     gamma: float = RELU_GAMMA
+    sap_linear: bool = False
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -84,4 +88,5 @@ class LayerFactory:
         return Pool2d(kind, kernel, lean=self.act_sparsity is not None)
 
     def linear(self, c_in: int, c_out: int) -> SparseLinear:
-        return SparseLinear(c_in, c_out, act_sparsity=self.act_sparsity)
+        sap = self.sap_linear and self.act_sparsity is not None
+        return SparseLinear(c_in, c_out, act_sparsity=self.act_sparsity if sap else None, sap_capable=self.sap_linear)

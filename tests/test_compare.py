@@ -1,0 +1,72 @@
+"""The experiment runner: finished runs are skipped, unfinished ones redone, the summary read from run files."""
+
+import json
+import statistics
+
+import pytest
+
+import bench.compare as compare
+from server.results import ResultsLog
+
+
+def _write_run(folder, accuracies, finish=True, drops=(), squeeze=None):
+    log = ResultsLog(folder / "results.json", {"strategy": "fedmef"})
+    for i, acc in enumerate(accuracies, start=1):
+        record = {"round": i, "accuracy": acc, "bytes_per_client": 10.0, "dense_bytes_per_client": 100.0}
+        if i <= len(drops):
+            record["accuracy_before_adjustment"] = acc + drops[i - 1]
+        if squeeze is not None:
+            record["clients"] = [{"bae_marked": 5, "bae_norm_start": 1.0, "bae_norm_end": squeeze}]
+        log.add_round(record)
+    if finish:
+        log.finish()
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    monkeypatch.setitem(
+        compare.PROTOCOLS, "toy", compare.Protocol("compare_fmnist.toml", 2, "toy", runs={"a": {}, "b": {}})
+    )
+    calls = []
+
+    def fake_simulation(run_config, supernodes, results_dir, run_name, **kwargs):
+        calls.append((run_name, run_config["seed"]))
+        _write_run(results_dir / run_name, [0.5, 0.6])
+        return json.loads((results_dir / run_name / "results.json").read_text())
+
+    monkeypatch.setattr(compare, "run_simulation", fake_simulation)
+    return tmp_path, calls
+
+
+def test_finished_runs_are_skipped_and_unfinished_ones_redone_with_the_old_folder_kept(lab):
+    root, calls = lab
+    _write_run(root / "toy" / "a-s0", [0.1, 0.2])  # finished
+    _write_run(root / "toy" / "a-s1", [0.1], finish=False)  # crashed mid-run
+    compare.run_matrix("toy", ["a"], [0, 1])
+    assert calls == [("a-s1", 1)]
+    assert (root / "toy" / "a-s1.partial" / "results.json").exists()
+    assert compare.finished(root / "toy" / "a-s1")
+    compare.run_matrix("toy", ["a"], [0, 1])  # nothing left to do
+    assert calls == [("a-s1", 1)]
+
+
+def test_the_summary_comes_from_the_run_files(lab):
+    root, _ = lab
+    finals = {0: [0.50, 0.60], 1: [0.70, 0.80], 2: [0.40, 0.44]}
+    for seed, accs in finals.items():
+        _write_run(root / "toy" / f"a-s{seed}", accs, drops=(0.05, 0.01), squeeze=0.4 + 0.1 * seed)
+    _write_run(root / "toy" / "b-s0", [0.3], finish=False)  # unfinished runs are left out
+    summary = compare.summarize_protocol("toy")
+    assert set(summary["runs"]) == {"a"}
+    a = summary["runs"]["a"]
+    means = [statistics.fmean(v) for v in finals.values()]  # final = mean of the (at most 5) last rounds
+    assert a["seeds"] == [0, 1, 2]
+    assert a["final_accuracy"]["mean"] == pytest.approx(statistics.fmean(means))
+    assert a["final_accuracy"]["std"] == pytest.approx(statistics.stdev(means))
+    assert (a["final_accuracy"]["min"], a["final_accuracy"]["max"]) == pytest.approx((min(means), max(means)))
+    assert a["last_accuracy"]["mean"] == pytest.approx(statistics.fmean([0.60, 0.80, 0.44]))
+    assert a["adjustment_drop"]["mean"] == pytest.approx(0.03)
+    assert a["bae_worst_squeeze"]["max"] == pytest.approx(0.6)
+    assert (root / "toy" / "summary.png").stat().st_size > 0
+    assert "| a | 3 |" in (root / "toy" / "summary.md").read_text()

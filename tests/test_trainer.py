@@ -1,0 +1,71 @@
+"""Local training as instructed: the adjustment round's gradient pass, exact and within a SAP step's memory."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from client.trainer import build_local_model, effective_weight_gradients, local_train
+from common.data.datasets import Split
+from common.nn.layers import set_activation_sparsity
+from common.protocol.config import parse_run_config
+from common.pruning.masks import load_masks
+from server.server_app import global_model
+from server.strategy import make_strategy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _setup(**overrides):
+    cfg = parse_run_config(
+        {"model": "resnet18", "width": 8, "batch-size": 32, "max-local-steps": 2, "grad-batches": 2, **overrides}
+    )
+    strategy = make_strategy(cfg, global_model(cfg, 10, 3))
+    ins = strategy.instructions(2)  # delta-r 2: an adjustment round with top-K
+    assert ins.topk and ins.adjusting
+    torch.manual_seed(0)
+    data = Split(torch.randn(96, 3, 32, 32), torch.randint(0, 10, (96,)))
+    model = build_local_model(ins, 10, 3)
+    model.load_state_dict(strategy.global_state(), strict=False)
+    load_masks(model, strategy.masks)
+    return model, strategy.masks, data, ins
+
+
+def test_the_exact_top_k_pass_holds_no_more_than_a_sap_training_step():
+    model, masks, data, ins = _setup()
+    result = local_train(model, masks, data, ins)
+    assert ins.topk_pass == "exact"
+    assert 1 <= result.topk_micro_batch < ins.batch_size  # exact activations need a smaller micro-batch
+    assert 0 < result.topk_activation_bytes <= result.activation_bytes
+    # and SAP is back on for the next round's training
+    assert any(getattr(m, "act_sparsity", None) == ins.act_sparsity for m in model.modules())
+
+
+def test_the_sap_top_k_pass_runs_at_the_full_batch():
+    model, masks, data, ins = _setup(**{"topk-pass": "sap"})
+    result = local_train(model, masks, data, ins)
+    assert result.topk_micro_batch == ins.batch_size
+
+
+def test_micro_batches_give_the_full_batch_gradient_without_batchnorm():
+    model, _, data, ins = _setup()
+    set_activation_sparsity(model, None)
+    whole, _ = effective_weight_gradients(model, data, 32, 2, torch.Generator().manual_seed(3))
+    split, held = effective_weight_gradients(model, data, 32, 2, torch.Generator().manual_seed(3), micro_batch=5)
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], rtol=1e-4, atol=1e-6), name
+    _, held_whole = effective_weight_gradients(model, data, 32, 2, torch.Generator().manual_seed(3))
+    assert held < held_whole
+
+
+def test_sap_and_exact_passes_differ_only_where_sap_prunes_activations():
+    model, masks, data, ins = _setup()
+    exact = local_train(model, masks, data, ins)
+    model, masks, data, ins = _setup()
+    approx = local_train(model, masks, data, replace(ins, topk_pass="sap"))
+    assert exact.topk is not None and approx.topk is not None
+    overlaps = [
+        len(set(exact.topk[n][0].tolist()) & set(approx.topk[n][0].tolist())) / max(len(exact.topk[n][0]), 1)
+        for n in exact.topk
+    ]
+    assert min(overlaps) < 1.0  # SAP's gradients are an approximation
