@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from client.trainer import _held_activation_bytes, effective_weight_gradients
+from client.trainer import _fitting_micro_batch, _held_activation_bytes, effective_weight_gradients
 from common.data.augment import random_crop_flip
 from common.data.datasets import load_dataset
 from common.nn.layers import set_activation_sparsity
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         if stats.steps >= a.steps:
             break
     counts = adjust_counts(masks, 0.4)
-    step_bytes = _held_activation_bytes(model, None, data.train.images[: a.batch])
+    step_bytes = _held_activation_bytes(model, None, data.train.images[: a.batch].clone())
 
     def run(micro: int | None, sap: bool) -> tuple[dict, int]:
         set_activation_sparsity(model, 0.9 if sap else None)
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     reference, full_bytes = run(None, sap=False)
     set_activation_sparsity(model, None)
-    per_example = _held_activation_bytes(model, None, data.train.images[:4]) / 4
+    micro = _fitting_micro_batch(model, data.train, a.batch, step_bytes)
     set_activation_sparsity(model, 0.9)
-    micro = max(1, min(a.batch, int(step_bytes // per_example)))
     rows = {}
     for label, (topk, held) in {
         "exact, full batch (reference)": (reference, full_bytes),

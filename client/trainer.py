@@ -137,15 +137,31 @@ def gradient_pass(
         return grads, held, ins.batch_size
     set_activation_sparsity(model, None)
     try:
-        probe = min(ins.batch_size, len(data), 4)
-        per_example = _held_activation_bytes(model, None, data.images[:probe]) / probe
-        micro = max(1, min(ins.batch_size, int(step_bytes // max(per_example, 1.0))))
+        micro = _fitting_micro_batch(model, data, ins.batch_size, step_bytes)
         grads, held = effective_weight_gradients(
             model, data, ins.batch_size, ins.grad_batches, generator, micro_batch=micro
         )
     finally:
         set_activation_sparsity(model, ins.act_sparsity)
     return grads, held, micro
+
+
+def _fitting_micro_batch(model: nn.Module, data: Split, batch_size: int, budget: int) -> int:
+    """The largest micro-batch whose exact gradient pass holds at most ``budget`` activation bytes.
+
+    The pass's bytes are measured at 2 and 4 examples and taken as linear in the examples: a fixed part
+    (the dense leaves' masks and standardisation terms) plus a part per example. A micro-batch is a view
+    of its batch, so the first layer pins the whole batch, as the training step's does: that part does
+    not shrink with the micro-batch."""
+    if len(data) < 4:
+        return 1
+    probe = Split(data.images[:4].clone(), data.labels[:4].clone())
+    held = [effective_weight_gradients(model, probe, n, 1, torch.Generator(), micro_batch=n)[1] for n in (2, 4)]
+    input_bytes = probe.images[0].numel() * probe.images.element_size()
+    per_example = (held[1] - held[0]) / 2
+    fixed = held[0] - 2 * per_example
+    inner = max(per_example - input_bytes, 1.0)  # what one more example adds beyond its own input
+    return max(1, min(batch_size, int((budget - fixed - batch_size * input_bytes) // inner)))
 
 
 def _as_is(theta: torch.Tensor, mask: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
