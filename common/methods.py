@@ -29,7 +29,6 @@ class Method:
     """One method's facts. ``norm``, ``sap`` and ``bae`` are what the run config's ``auto`` means."""
 
     name: str
-    title: str
     norm: str
     sap: bool
     bae: bool
@@ -47,13 +46,11 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("fedmef", "FedMef (NSConv + SAP + BaE)", "nsconv", True, True, "masked", "server-topk", True),
-        Method("fedtiny", "FedTiny", "batchnorm", False, False, "masked", "server-topk", True),
-        Method("feddst", "FedDST", "batchnorm", False, False, "masked", "client", True),
-        Method("pqsu", "FL-PQSU", "batchnorm", False, False, "masked", "none", True),
-        Method("fedavg", "FedAvg (dense)", "batchnorm", False, False, "dense", "none", False),
-        Method(
-            "feddip", "FedDIP (dense upload)", "batchnorm", False, False, "error-feedback", "server-magnitude", False
-        ),
+        Method("fedmef", "nsconv", True, True, "masked", "server-topk", True),
+        Method("fedtiny", "batchnorm", False, False, "masked", "server-topk", True),
+        Method("feddst", "batchnorm", False, False, "masked", "client", True),
+        Method("pqsu", "batchnorm", False, False, "masked", "none", True),
+        Method("fedavg", "batchnorm", False, False, "dense", "none", False),
+        Method("feddip", "batchnorm", False, False, "error-feedback", "server-magnitude", False),
     )
 }
