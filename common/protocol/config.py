@@ -70,7 +70,7 @@ class RunConfig:
     delta_r: int = 2
     r_stop: int = 5
     adjust_alpha: float = 0.2
-    bae_lambda: float = 0.3
+    bae_lambda: float = 1.0
     grad_batches: int = 4
     topk_pass: str = "exact"
     feddip_s0: float = 0.5
