@@ -247,7 +247,9 @@ def test_the_fab_bundle_holds_exactly_the_c_source():
 def test_a_flower_app_bundle_carries_the_json_copy_and_not_the_c_file():
     """Why the copy exists: Flower's FAB filter drops .c files, and a Pi's ClientApp has only the FAB."""
     root = Path(bitkernels.__file__).parents[2]
-    files = [root / "pyproject.toml", Path(bitkernels.__file__), bitkernels.C_SOURCE, bitkernels.BUNDLE]
+    # pyproject.toml's fab-include names server/ and client/ too, and flwr wants each pattern to match
+    apps = [root / "server" / "server_app.py", root / "client" / "client_app.py"]
+    files = [root / "pyproject.toml", Path(bitkernels.__file__), bitkernels.C_SOURCE, bitkernels.BUNDLE, *apps]
     fab = build_fab_from_files({path.relative_to(root).as_posix(): path for path in files})[0]
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert "common/nn/bitkernels.c.json" in names and "common/nn/bitkernels.c" not in names

@@ -396,8 +396,13 @@ def test_image_folder_datasets_need_their_folder(tmp_path, name, hint):
 
 
 def _serve(monkeypatch, name, files):
-    """Make ``download_dataset(name)`` fetch ``files`` through file:// URLs, with their true MD5s."""
-    table = tuple((f.as_uri(), hashlib.md5(f.read_bytes()).hexdigest()) for f in files)
+    """Make ``download_dataset(name)`` fetch ``files`` through file:// URLs, with their true digests."""
+    table = tuple(
+        datasets_module._Download(
+            f.as_uri(), hashlib.md5(f.read_bytes()).hexdigest(), hashlib.sha256(f.read_bytes()).hexdigest()
+        )
+        for f in files
+    )
     monkeypatch.setitem(datasets_module._DOWNLOADS, name, table)
 
 
@@ -517,16 +522,16 @@ def test_download_broken_mid_stream_leaves_nothing(tmp_path, monkeypatch):
     assert list(data.iterdir()) == []
 
 
-def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("field", "kind"), [("md5", "MD5"), ("sha256", "SHA-256")])
+def test_download_with_wrong_digest_leaves_nothing(tmp_path, monkeypatch, field, kind):
     _fashion_server(tmp_path, monkeypatch)
-    url, _ = datasets_module._DOWNLOADS["fashion-mnist"][-1]
+    last = datasets_module._DOWNLOADS["fashion-mnist"][-1]
+    wrong = last._replace(**{field: "0" * len(getattr(last, field))})
     monkeypatch.setitem(
-        datasets_module._DOWNLOADS,
-        "fashion-mnist",
-        datasets_module._DOWNLOADS["fashion-mnist"][:-1] + ((url, "0" * 32),),
+        datasets_module._DOWNLOADS, "fashion-mnist", datasets_module._DOWNLOADS["fashion-mnist"][:-1] + (wrong,)
     )
     data = tmp_path / "data"
-    with pytest.raises(DataError, match="corrupt"):
+    with pytest.raises(DataError, match=f"{kind} .*corrupt"):
         download_dataset("fashion-mnist", data)
     assert list(data.iterdir()) == []
 

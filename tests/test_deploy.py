@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shlex
+import shutil
 import ssl
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from flwr.common.config import parse_config_args
 from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_parser
@@ -35,6 +36,7 @@ from common.data.datasets import Dataset, Split
 from common.data.partition import client_data
 from common.measure import runtime
 from common.protocol.config import parse_run_config
+from deploy import app_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -64,8 +66,9 @@ def _compose(name: str) -> dict:
 
 
 def _cli_of(service: dict) -> str | None:
-    """Which Flower CLI a service runs: the image's entrypoint, or deploy/Dockerfile's (flower-superexec)."""
-    if "entrypoint" in service:
+    """Which Flower CLI a service runs: the image's entrypoint, or deploy/Dockerfile's (flower-superexec);
+    None for the project's own services (the proxy, the registry, the volume's one-shot chown)."""
+    if "entrypoint" in service or service.get("build", {}).get("target") == "fleet-proxy":
         return None
     if "build" in service:
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -74,72 +77,90 @@ def _cli_of(service: dict) -> str | None:
     return {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}[image]
 
 
-def _merged(base: dict, override: dict) -> dict:
-    """Compose's merge for what is checked here: an override's command replaces the base's."""
-    services = {name: dict(service) for name, service in base["services"].items()}
-    for name, service in override["services"].items():
-        assert name in services, f"{name} in the override is not a service of compose.yml"
-        services[name].update(service)
-    return services
-
-
 def _node_config(args: argparse.Namespace) -> dict:
     return parse_config_args([args.node_config])
 
 
-@pytest.mark.parametrize("files", [["compose.yml"], ["compose.yml", "compose.tls.yml"]])
-def test_compose_commands_are_valid_for_the_pinned_flower(files):
-    services = _compose(files[0])["services"]
-    if len(files) == 2:
-        services = _merged(_compose(files[0]), _compose(files[1]))
-    tls = len(files) == 2
+def _secret_targets(service: dict) -> set[str]:
+    return {s["target"].removeprefix("/app/") for s in service.get("secrets", [])}
+
+
+def test_compose_commands_are_valid_for_the_pinned_flower():
+    services = _compose("compose.yml")["services"]
     clis = {name: _cli_of(s) for name, s in services.items()}
     assert sorted(c for c in clis.values() if c) == (
         ["flower-superexec"] * 4 + ["flower-superlink"] + ["flower-supernode"] * 3
     )
     for name, service in services.items():
-        tag = service["image"].split(":", 1)[1]
-        assert tag == f"${{FLWR_VERSION:-{flwr.__version__}}}", f"{name}: image not pinned to flwr {flwr.__version__}"
-        if clis[name] is None:  # the one-shot job that hands the state volume to the image's user
+        if "image" in service and service["image"].startswith("flwr/"):
+            tag = service["image"].split(":", 1)[1]
+            assert tag == f"${{FLWR_VERSION:-{flwr.__version__}}}", f"{name}: not pinned to flwr {flwr.__version__}"
+        if name == "superlink-state":  # the one-shot job that hands the state volume to the image's user
             assert service["entrypoint"][0] == "chown" and "restart" not in service
             continue
         assert service["restart"] == "unless-stopped", name
+        if clis[name] is None:
+            continue
         args = parse(clis[name], [str(a) for a in service["command"]])
         if clis[name] == "flower-superlink":
             assert args.isolation == "process" and args.host == "0.0.0.0"
             assert any(v.endswith(":/app/state") for v in service["volumes"])  # the state volume
             assert args.database == "state/superlink.db"
-            assert args.enable_supernode_auth is tls and args.insecure is not tls
-            if tls:
-                assert {args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile} <= {
-                    s["target"].removeprefix("/app/") for s in service["secrets"]
-                }
         elif clis[name] == "flower-supernode":
-            assert args.isolation == "process" and args.superlink == "superlink:8000"
+            assert args.isolation == "process" and args.superlink == "fleet-proxy:9092"
             path = _node_config(args)["data-path"]
             # the ClientApp reads the file, so its SuperExec is the one that mounts the partitions
-            executor = next(s for s in services.values() if s.get("command", [])[-1:] == [f"{name}:{args.port}"])
+            executor = next(s for s in services.values() if s.get("network_mode") == f"service:{name}")
             assert path.startswith("/data/") and any(v.endswith(":/data:ro") for v in executor["volumes"])
-            if tls:
-                assert args.root_certificates and args.auth_supernode_private_key and not args.insecure
-                targets = {s["target"].removeprefix("/app/") for s in service["secrets"]}
-                assert {args.root_certificates, args.auth_supernode_private_key} <= targets
+            assert parse("flower-superexec", executor["command"]).runtime_api_address == f"127.0.0.1:{args.port}"
         else:
-            address = args.runtime_api_address
-            assert address == "superlink:8000" or address.startswith("supernode-")
+            assert args.runtime_api_address.startswith("127.0.0.1:")
             assert runtime.TRAINING_ENV.items() <= service["environment"].items(), name
-            if address == "superlink:8000" and tls:
-                assert args.root_certificates and not args.insecure
 
 
-def test_compose_tls_secrets_name_the_pki_files():
-    secrets = _compose("compose.tls.yml")["secrets"]
-    used = {
-        s["source"] for service in _compose("compose.tls.yml")["services"].values() for s in service.get("secrets", [])
-    }
-    assert used == set(secrets)
-    files = {secret["file"].replace("${PKI_DIR:-./pki}", "pki") for secret in secrets.values()}
-    assert files == {"pki/ca.crt", "pki/server.pem", "pki/server.key"} | {f"pki/devices/pi-{i}" for i in (1, 2, 3)}
+def test_compose_is_secure_by_default():
+    """TLS, SuperNode authentication, signed apps and the SuperExec secret everywhere; the SuperLink off
+    the device network; nothing published but the operator's TLS port on the host's loopback."""
+    compose = _compose("compose.yml")
+    services = compose["services"]
+    assert "--insecure" not in (DEPLOY / "compose.yml").read_text()
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert published == {"superlink": ["127.0.0.1:8000:8000"]}
+    assert compose["networks"]["fleet"]["internal"] is True
+    for name, service in services.items():
+        cli = _cli_of(service)
+        if cli is None:
+            continue
+        args = parse(cli, [str(a) for a in service["command"]])
+        secrets = _secret_targets(service)
+        assert args.superexec_auth_secret_file in secrets, name
+        if cli == "flower-superlink":
+            assert args.enable_supernode_auth and not args.insecure
+            assert {args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile} <= secrets
+            assert service["networks"] == ["server"]  # not on the device network
+            assert service["environment"]["FLWR_SUPERGRID_API_URL"] == "http://registry:9093"
+        elif cli == "flower-supernode":
+            assert not args.insecure and args.host == "127.0.0.1"
+            assert {args.root_certificates, args.auth_supernode_private_key, str(args.trusted_entities)} <= secrets
+            assert {args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile} <= secrets  # its Runtime API
+            assert service["networks"] == ["fleet"]
+        else:
+            assert not args.insecure and args.root_certificates in secrets
+            assert service["network_mode"].startswith("service:")  # the Runtime API on loopback
+    proxy = services["fleet-proxy"]
+    assert (
+        set(proxy["networks"]) == {"server", "fleet"} and proxy["environment"]["FEDMEF_SUPERLINK_HOST"] == "superlink"
+    )
+    assert services["registry"]["networks"] == ["server"]
+
+
+def test_compose_secrets_name_the_pki_files():
+    compose = _compose("compose.yml")
+    used = {s["source"] for service in compose["services"].values() for s in service.get("secrets", [])}
+    assert used == set(compose["secrets"])
+    files = {secret["file"].replace("${PKI_DIR:-./pki}", "pki") for secret in compose["secrets"].values()}
+    made = {"ca.crt", "server.pem", "server.key", "local.pem", "local.key", "superexec.secret", "trusted-entities.yaml"}
+    assert files == {f"pki/{f}" for f in made} | {f"pki/devices/pi-{i}" for i in (1, 2, 3)}
 
 
 def test_dockerfile_pins_flower_and_cpu_torch():
@@ -154,7 +175,7 @@ def test_dockerfile_pins_flower_and_cpu_torch():
     assert "gcc" in text and "bitkernels.library()" in text  # the SAP kernels are built into the image
     # what the image copies is what the build context lets through
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    for copied in re.findall(r"^COPY --chown=app:app (.+?) \S+$", text, re.M):
+    for copied in re.findall(r"^COPY (?:--chown=app:app )?(.+?) \S+$", text, re.M):
         assert all(f"!{c}" in ignore for c in copied.split()), copied
 
 
@@ -184,14 +205,21 @@ def test_supernode_unit_runs_a_valid_supernode_command():
     assert env["PATH"].startswith("/opt/fedmef/venv/bin:")  # flower-superexec is started by name
     assert runtime.TRAINING_ENV.items() <= env.items()  # inherited by the ClientApp processes
     assert env["FEDMEF_CACHE"].startswith("/var/lib/flower-supernode/")  # StateDirectory: writable by flower
-    assert unit["Restart"] == ["on-failure"]
+    # back after a reboot or a refusal, however often: no start limit
+    assert unit["Restart"] == ["always"] and unit["RestartSec"] == ["15"]
+    assert unit["StartLimitIntervalSec"] == ["0"]
+    # the memory limits are set for the unit's budget (the comment says how to change them with it)
+    assert env["MEMORY_BUDGET_MB"] == "1024"
+    assert unit["MemoryHigh"] == ["1536M"] and unit["MemoryMax"] == ["2G"]
     # systemd unquotes the words first, then substitutes ${VAR} inside them
     words = shlex.split(unit["ExecStart"][0])
     assert words[0] == "/opt/fedmef/venv/bin/flower-supernode"
-    values = {"SUPERLINK": "192.168.1.10:8000", "MEMORY_BUDGET_MB": env["MEMORY_BUDGET_MB"]}
+    values = {"SUPERLINK": "192.168.1.10:9092", "MEMORY_BUDGET_MB": env["MEMORY_BUDGET_MB"]}
     args = parse("flower-supernode", [re.sub(r"\$\{(\w+)\}", lambda m: values[m[1]], w) for w in words[1:]])
-    assert args.superlink == "192.168.1.10:8000" and not args.insecure
+    assert args.superlink == "192.168.1.10:9092" and not args.insecure
     assert args.root_certificates and args.auth_supernode_private_key
+    # only apps signed by the operator's key run on the Pi
+    assert str(args.trusted_entities) == "/etc/fedmef/trusted-entities.yaml"
     assert _node_config(args) == {"data-path": "/var/lib/fedmef/partition.npz", "memory-budget-mb": 1024}
 
 
@@ -200,6 +228,54 @@ def test_superlink_unit_starts_the_script():
     assert unit["ExecStart"] == ["/opt/fedmef/deploy/server/start-superlink.sh"]
     assert unit["Restart"] == ["on-failure"]
     assert (DEPLOY / "server" / "start-superlink.sh").stat().st_mode & 0o111
+
+
+@pytest.mark.parametrize(
+    ("path", "state"),
+    [
+        ("server/flower-superlink.service", "flower-superlink"),
+        ("server/flower-fleet-proxy.service", "flower-fleet-proxy"),
+        ("server/flower-app-registry.service", "flower-app-registry"),
+        ("pi/flower-supernode.service", "flower-supernode"),
+    ],
+)
+def test_units_are_sandboxed(path, state):
+    unit = _unit(DEPLOY / path)
+    sandbox = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "SystemCallArchitectures": "native",
+        "UMask": "0077",
+    }
+    assert {key: unit.get(key, [None])[-1] for key in sandbox} == sandbox
+    assert "@system-service" in unit["SystemCallFilter"]
+    assert unit["RestrictAddressFamilies"][-1] in ("AF_INET AF_INET6 AF_UNIX", "AF_INET AF_UNIX")
+    assert unit["StateDirectory"] == [state]
+    if state == "flower-app-registry":
+        # it only serves what the operator copied in; python -m deploy... runs from the project root
+        assert unit["ReadOnlyPaths"] == [f"/var/lib/{state}"] and "ReadWritePaths" not in unit
+        assert unit["WorkingDirectory"] == ["/opt/fedmef"] and unit["IPAddressDeny"] == ["any"]
+    else:
+        # the only writable place is the state directory, which is also where relative paths land
+        assert unit["ReadWritePaths"] == unit["WorkingDirectory"] == [f"/var/lib/{state}"]
+    # PyTorch's JIT-compiled kernels need to make written memory executable; nginx and the registry do not
+    runs_torch = state in ("flower-superlink", "flower-supernode")
+    assert ("MemoryDenyWriteExecute" not in unit) is runs_torch
 
 
 @pytest.fixture
@@ -229,9 +305,33 @@ def test_start_superlink_passes_tls_database_and_auth(tmp_path, fake_flower, nod
     ).stdout
     args = parse("flower-superlink", out.splitlines())
     assert args.enable_supernode_auth is (node_auth == "1") and not args.insecure
-    assert args.host == "0.0.0.0" and args.port == 8000 and not args.runtime_dependency_install
+    # loopback: the Control API shares the port, so the devices come in through the Fleet API proxy
+    assert args.host == "127.0.0.1" and args.port == 8000 and not args.runtime_dependency_install
     assert args.database == str(tmp_path / "state" / "superlink.db")
     assert args.ssl_certfile == str(tmp_path / "pki" / "server.pem")
+
+
+def test_start_superlink_refuses_to_put_the_control_api_on_the_network(tmp_path, fake_flower):
+    subprocess.run(
+        [DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True, capture_output=True
+    )
+    env = {
+        "PATH": f"{fake_flower}:/usr/bin:/bin",
+        "FEDMEF_PKI": str(tmp_path / "pki"),
+        "FEDMEF_STATE_DIR": str(tmp_path / "state"),
+        "FEDMEF_HOST": "0.0.0.0",
+    }
+    run = subprocess.run([DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "Control API" in run.stderr and "start-fleet-proxy.sh" in run.stderr
+    # an explicit, named override for an isolated test network
+    exposed = subprocess.run(
+        [DEPLOY / "server" / "start-superlink.sh"],
+        env={**env, "FEDMEF_EXPOSE_CONTROL_API": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert parse("flower-superlink", exposed.stdout.splitlines()).host == "0.0.0.0"
 
 
 def test_start_superlink_says_what_is_missing(tmp_path, fake_flower):
@@ -258,6 +358,75 @@ def test_shell_scripts_parse():
     for script in sorted(DEPLOY.glob("*/*.sh")):
         subprocess.run(["bash", "-n", script], check=True)
         assert script.stat().st_mode & 0o111, f"{script} is not executable"
+
+
+# ---------------------------------------------------------------- the Fleet API proxy
+
+
+def _proxy_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    subprocess.run(
+        [DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True, capture_output=True
+    )
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/bin",
+        "FEDMEF_PKI": str(tmp_path / "pki"),
+        "FEDMEF_PROXY_STATE_DIR": str(tmp_path / "proxy"),
+        **extra,
+    }
+
+
+@pytest.mark.skipif(shutil.which("nginx", path="/usr/sbin:/usr/bin") is None, reason="nginx is not installed")
+def test_fleet_proxy_forwards_exactly_the_fleet_api(tmp_path):
+    """The rendered configuration passes `nginx -t`, and its allow-list is the installed flwr's Fleet
+    API: a route flwr adds or renames makes this fail instead of silently breaking the SuperNodes."""
+    from flwr.superlink.routers.fleet.router import router as fleet_router
+
+    env = _proxy_env(tmp_path, FEDMEF_FLEET_PORT="19092", FEDMEF_PORT="18000")
+    # `nginx -t` runs first: a fake nginx that stops there leaves the rendered file to inspect
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nginx").write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = "daemon off;" ] && exit 0; done\nexec /usr/sbin/nginx "$@"\n'
+    )
+    (fake / "nginx").chmod(0o755)
+    run = subprocess.run(
+        [DEPLOY / "server" / "start-fleet-proxy.sh"],
+        env={**env, "PATH": f"{fake}:{env['PATH']}"},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    conf = (tmp_path / "proxy" / "fleet-proxy.conf").read_text()
+    assert "@" not in re.sub(r"#.*", "", conf)  # every field filled in
+    allowed = re.search(r"location ~ \^/v1/fleet/\(([^)]*)\)\$", conf)[1].split("|")
+    assert sorted(allowed) == sorted(route.path.removeprefix("/v1/fleet/") for route in fleet_router.routes)
+    assert "listen 0.0.0.0:19092 ssl;" in conf and "server 127.0.0.1:18000;" in conf
+    assert "proxy_ssl_verify on;" in conf and "proxy_ssl_name localhost;" in conf and "return 403;" in conf
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("FEDMEF_FLEET_PORT", "80a", "port numbers"),
+        ("FEDMEF_FLEET_PORT", "8000", "must differ"),
+        ("FEDMEF_PROXY_MAX_BODY", "lots", "512m"),
+        ("FEDMEF_SUPERLINK_HOST", "a b", "host name"),
+    ],
+)
+def test_fleet_proxy_says_what_is_wrong(tmp_path, setting, value, says):
+    run = subprocess.run(
+        [DEPLOY / "server" / "start-fleet-proxy.sh"],
+        env=_proxy_env(tmp_path, **{setting: value}),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode != 0 and says in run.stderr, run.stderr
+
+
+def test_fleet_proxy_says_what_is_missing(tmp_path):
+    env = {"PATH": "/usr/sbin:/usr/bin:/bin", "FEDMEF_PKI": str(tmp_path / "nope")}
+    run = subprocess.run([DEPLOY / "server" / "start-fleet-proxy.sh"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "make-pki.sh" in run.stderr
 
 
 # ---------------------------------------------------------------- PKI
@@ -295,7 +464,7 @@ def test_make_pki_makes_ca_server_cert_and_device_keys(tmp_path):
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"192.168.1.10", "127.0.0.1"}
-    assert sans.get_values_for_type(x509.DNSName) == ["superlink.lan"]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "superlink.lan"]
     assert (pki / "ca.key").stat().st_mode & 0o077 == 0 and (pki / "server.key").stat().st_mode & 0o077 == 0
 
     # Raspberry Pi OS trixie's Python 3.13 verifies with X509_STRICT; so does this client
@@ -314,6 +483,20 @@ def test_make_pki_makes_ca_server_cert_and_device_keys(tmp_path):
         assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
         assert private.public_key().public_numbers() == public.public_numbers()
         assert (pki / "devices" / f"pi-{i}").read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+
+    # the loopback certificate of a SuperNode's Runtime API names nothing else
+    local = x509.load_pem_x509_certificate((pki / "local.pem").read_bytes())
+    local.verify_directly_issued_by(ca)
+    local_sans = local.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in local_sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert len((pki / "superexec.secret").read_text()) == 64 and (pki / "superexec.secret").stat().st_mode & 0o077 == 0
+    # the app-signing key is Ed25519 and trusted-entities.yaml names it by the registry's key id
+    signing = serialization.load_ssh_private_key((pki / "app-signing" / "operator").read_bytes(), password=None)
+    assert isinstance(signing, ed25519.Ed25519PrivateKey)
+    public_line = (pki / "app-signing" / "operator.pub").read_text().strip()
+    assert yaml.safe_load((pki / "trusted-entities.yaml").read_text()) == {
+        app_registry.key_id(public_line): public_line
+    }
 
     # re-run: the CA and the keys stay, missing device keys are added
     before = {p: p.read_bytes() for p in pki.rglob("*") if p.is_file()}
@@ -336,13 +519,29 @@ def test_make_pki_refuses_half_a_ca(tmp_path):
 # ---------------------------------------------------------------- the Pi's packages
 
 
-def _pins() -> dict[str, str]:
+def _pins_and_hashes() -> dict[str, tuple[str, list[str]]]:
+    """Name -> (version, sha256 digests) of each requirement, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (DEPLOY / "pi" / "requirements-aarch64.txt").read_text())
     pins = {}
-    for line in (DEPLOY / "pi" / "requirements-aarch64.txt").read_text().splitlines():
+    for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
-            name, version = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)(\s*;.*)?", line.strip()).group(1, 2)
-            pins[name.lower().replace("_", "-")] = version
+            requirement, *options = re.split(r"\s+(?=--)", line.strip())
+            name, version = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)(\s*;.*)?", requirement).group(1, 2)
+            hashes = [re.fullmatch(r"--hash=sha256:([0-9a-f]{64})", option)[1] for option in options]
+            pins[name.lower().replace("_", "-")] = (version, hashes)
     return pins
+
+
+def _pins() -> dict[str, str]:
+    return {name: version for name, (version, _) in _pins_and_hashes().items()}
+
+
+def test_pi_requirements_are_hash_pinned():
+    # every pin has a digest (pip's --require-hashes would refuse the whole file otherwise), and
+    # install.sh insists on them
+    assert all(hashes for _, hashes in _pins_and_hashes().values())
+    install = (DEPLOY / "pi" / "install.sh").read_text()
+    assert re.search(r"pip install [^\n]*--require-hashes[^\n]*\\\n\s*-r \"\$here/requirements-aarch64.txt\"", install)
 
 
 def test_pi_requirements_pin_what_the_clientapp_imports():
@@ -418,3 +617,30 @@ def test_partition_cap_and_errors(tmp_path, tiny_dataset):
         prep.main(["--partitions", "2", "--out", str(tmp_path), "--set", "dirichlet-alpa=0.1"])
     with pytest.raises(SystemExit, match="cannot split 300 samples into 40 partitions"):
         prep.main(["--partitions", "40", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "server/flower-superlink.service",
+        "server/flower-fleet-proxy.service",
+        "server/flower-app-registry.service",
+        "pi/flower-supernode.service",
+    ],
+)
+def test_units_pass_systemd_analyze_verify(tmp_path, path):
+    """The unit as systemd reads it: with /opt/fedmef moved to a folder holding stub executables, so the
+    only thing left to complain about would be the unit itself."""
+    opt = tmp_path / "opt"
+    text = (DEPLOY / path).read_text().replace("/opt/fedmef", str(opt))
+    for command in re.findall(r"^ExecStart=(\S+)", text, re.M):
+        stub = Path(command)
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    opt.mkdir(exist_ok=True)  # WorkingDirectory of the registry
+    unit = tmp_path / Path(path).name
+    unit.write_text(text)
+    run = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr.strip() == "", run.stderr

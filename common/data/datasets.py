@@ -23,6 +23,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ CINIC10_HELP = (
     "holding train/, valid/ and test/ as data dir"
 )
 TINY_IMAGENET_HELP = (
-    "download http://cs231n.stanford.edu/tiny-imagenet-200.zip, unpack it and pass the "
+    "download https://cs231n.stanford.edu/tiny-imagenet-200.zip, unpack it and pass the "
     "tiny-imagenet-200 folder as data dir"
 )
 
@@ -57,19 +58,58 @@ _STATS = {
     "tiny-imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
 
-_FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-# (url, md5) of the files to fetch; an archive among them is unpacked.
+# The Fashion-MNIST release's own files, over HTTPS: its S3 site (fashion-mnist.s3-website...) serves
+# plain HTTP only, so the copy in the release's GitHub repository, at a fixed commit. Same bytes: the
+# MD5s are the release's (its README), the SHA-256s those TensorFlow Datasets records for the S3 files
+# (tensorflow_datasets/url_checksums/fashion_mnist.txt), and both labels files of that commit match both.
+_FASHION_MNIST_URL = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/"
+    "b2617bb6d3ffa2e429640350f613e3291e10b141/data/fashion/"
+)
+
+
+class _Download(NamedTuple):
+    """A file to fetch (an archive among them is unpacked) and the digests it must have."""
+
+    url: str
+    md5: str
+    sha256: str
+
+
 _DOWNLOADS = {
     "fashion-mnist": tuple(
-        (_FASHION_MNIST_URL + name, md5)
-        for name, md5 in (
-            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        _Download(_FASHION_MNIST_URL + name, md5, sha256)
+        for name, md5, sha256 in (
+            (
+                "train-images-idx3-ubyte.gz",
+                "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            ),
+            (
+                "train-labels-idx1-ubyte.gz",
+                "25c81989df183df01b3e8a0aad5dffbe",
+                "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            ),
+            (
+                "t10k-images-idx3-ubyte.gz",
+                "bef4ecab320f06d8554ea6380940ec79",
+                "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            ),
+            (
+                "t10k-labels-idx1-ubyte.gz",
+                "bb300cfdad3c16e7a12a480ee83cd310",
+                "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            ),
         )
     ),
-    "cifar10": (("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+    # the official archive; its SHA-256 as Keras checks it (keras/src/datasets/cifar10.py)
+    "cifar10": (
+        _Download(
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+            "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        ),
+    ),
 }
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -340,13 +380,15 @@ _HELP = {
 }
 
 
-def _fetch(url: str, path: Path, md5: str, help_text: str) -> None:
-    """Download ``url`` to ``path`` and check its MD5."""
-    digest = hashlib.md5(usedforsecurity=False)
+def _fetch(download: _Download, path: Path, help_text: str) -> None:
+    """Download ``download.url`` to ``path`` and check its SHA-256 and MD5."""
+    url = download.url
+    digests = {"SHA-256": hashlib.sha256(), "MD5": hashlib.md5(usedforsecurity=False)}
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
             while chunk := response.read(1 << 20):
-                digest.update(chunk)
+                for digest in digests.values():
+                    digest.update(chunk)
                 out.write(chunk)
     except urllib.error.HTTPError as exc:
         raise DataError(
@@ -359,11 +401,12 @@ def _fetch(url: str, path: Path, md5: str, help_text: str) -> None:
         ) from exc
     except OSError as exc:
         raise DataError(f"cannot write {path}: {exc}; free some space or choose another data dir") from exc
-    if digest.hexdigest() != md5:
-        raise DataError(
-            f"{url} arrived with MD5 {digest.hexdigest()}, not {md5}: the download is corrupt; try again "
-            f"or, to use local files instead, {help_text}"
-        )
+    for kind, expected in (("SHA-256", download.sha256), ("MD5", download.md5)):
+        if digests[kind].hexdigest() != expected:
+            raise DataError(
+                f"{url} arrived with {kind} {digests[kind].hexdigest()}, not {expected}: the download is "
+                f"corrupt; try again or, to use local files instead, {help_text}"
+            )
 
 
 def _extract_tar(archive: Path, dest: Path) -> None:
@@ -403,9 +446,9 @@ def download_dataset(name: str, dest_dir: str | Path) -> Path:
         with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
             staging = Path(tmp) / "files"
             staging.mkdir()
-            for url, md5 in _DOWNLOADS[name]:
-                file = Path(tmp) / url.rsplit("/", 1)[-1]
-                _fetch(url, file, md5, _HELP[name])
+            for download in _DOWNLOADS[name]:
+                file = Path(tmp) / download.url.rsplit("/", 1)[-1]
+                _fetch(download, file, _HELP[name])
                 if file.name.endswith(".tar.gz"):
                     _extract_tar(file, staging)
                 else:

@@ -19,15 +19,23 @@ from common.data.partition import label_histogram, partition_indices, train_val_
 
 
 class PartitionSettings(Protocol):
-    """The run-config fields that decide the partitions (a ``RunConfig`` is one)."""
+    """The run-config fields that decide the partitions (a ``RunConfig`` is one). Read-only
+    properties, so that a frozen dataclass matches."""
 
-    dataset: str
-    data_dir: str
-    download: bool
-    partitioner: str
-    dirichlet_alpha: float
-    seed: int
-    val_fraction: float
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def data_dir(self) -> str: ...
+    @property
+    def download(self) -> bool: ...
+    @property
+    def partitioner(self) -> str: ...
+    @property
+    def dirichlet_alpha(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def val_fraction(self) -> float: ...
 
 
 def partition_splits(

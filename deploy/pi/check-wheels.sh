@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Check, from any machine, that every pin of requirements-aarch64.txt has a wheel in the package
 # registry for a Raspberry Pi (Linux aarch64) on Python 3.11 (Raspberry Pi OS bookworm) and 3.13
-# (trixie). pip resolves each pin without installing, and without downloading more than metadata.
+# (trixie), and that it matches one of the pin's sha256 digests (--require-hashes, as install.sh). pip
+# resolves each pin without installing, but downloads each wheel whole to check its digest (torch:
+# ~100 MB per Python version).
 #
 # Usage: check-wheels.sh [PYTHON_VERSION ...]   (default: 3.11 3.13; PYTHON=python3 by default)
 #
@@ -21,7 +23,7 @@ trap 'rm -rf "$target"' EXIT
 
 status=0
 for version in "${versions[@]}"; do
-    if out=$("${PYTHON:-python3}" -m pip install --dry-run --ignore-installed --no-deps --only-binary=:all: \
+    if out=$("${PYTHON:-python3}" -m pip install --dry-run --ignore-installed --no-deps --require-hashes --only-binary=:all: \
             --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version "$version" \
             --target "$target" -r "$requirements" 2>&1); then
         # "Would install" and one word per package

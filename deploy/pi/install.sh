@@ -6,8 +6,8 @@
 #   - the systemd unit flower-supernode.service and its settings file /etc/default/flower-supernode.
 # The ClientApp's code itself comes from the SuperLink with each run.
 #
-# Usage: sudo ./install.sh SUPERLINK_ADDRESS [MEMORY_BUDGET_MB]
-#   e.g.  sudo ./install.sh 192.168.1.10:8000 1024
+# Usage: sudo ./install.sh SUPERLINK_ADDRESS [MEMORY_BUDGET_MB]   (the server's Fleet API proxy, port 9092)
+#   e.g.  sudo ./install.sh 192.168.1.10:9092 1024
 # Run it from a copy of deploy/pi/. Safe to re-run (an existing venv is brought to the pins, an
 # existing settings file is kept). PIP_INDEX_URL may name a mirror of the package registry.
 set -euo pipefail
@@ -16,10 +16,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 venv=/opt/fedmef/venv
 
 die() { echo "install.sh: $*" >&2; exit 1; }
-[[ $# -ge 1 && $# -le 2 ]] || die "usage: sudo $0 SUPERLINK_ADDRESS [MEMORY_BUDGET_MB], e.g. 192.168.1.10:8000 1024"
+[[ $# -ge 1 && $# -le 2 ]] || die "usage: sudo $0 SUPERLINK_ADDRESS [MEMORY_BUDGET_MB], e.g. 192.168.1.10:9092 1024"
 superlink=$1
 budget=${2:-1024}
-[[ $superlink =~ ^[^[:space:]]+:[0-9]+$ ]] || die "SUPERLINK_ADDRESS must be host:port, e.g. 192.168.1.10:8000, got '$superlink'"
+[[ $superlink =~ ^[^[:space:]]+:[0-9]+$ ]] || die "SUPERLINK_ADDRESS must be host:port, e.g. 192.168.1.10:9092, got '$superlink'"
 [[ $budget =~ ^[0-9]+$ ]] || die "MEMORY_BUDGET_MB must be a number of MiB, got '$budget'"
 [[ $(id -u) -eq 0 ]] || die "run it as root: sudo $0 $*"
 [[ $(uname -m) == aarch64 ]] \
@@ -44,10 +44,11 @@ install -d -o flower -g flower -m 750 /var/lib/fedmef
 echo "== Python packages into $venv"
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
 # PIP_CONFIG_FILE=/dev/null: Raspberry Pi OS's /etc/pip.conf adds piwheels, whose builds are not the
-# wheels checked by check-wheels.sh. --no-deps with the full lock: nothing unpinned comes in, and
-# `pip check` below catches a dependency the lock would lack.
+# wheels checked by check-wheels.sh. --require-hashes: every wheel must have one of the sha256 digests
+# of its pin (pin-hashes.py), so a mirror or proxy serving other bytes is refused. --no-deps with the
+# full lock: nothing unpinned comes in, and `pip check` below catches a dependency the lock would lack.
 export PIP_CONFIG_FILE=/dev/null
-"$venv/bin/python" -m pip install -q --no-cache-dir --only-binary=:all: --no-deps \
+"$venv/bin/python" -m pip install -q --no-cache-dir --only-binary=:all: --no-deps --require-hashes \
     -r "$here/requirements-aarch64.txt"
 "$venv/bin/python" -m pip check
 # torch >= 2.10 from the registry dies here with SIGILL on a Cortex-A72; prove this one computes.
@@ -68,12 +69,12 @@ fi
 systemctl daemon-reload
 
 missing=()
-for file in /etc/fedmef/ca.crt /etc/fedmef/device.key /var/lib/fedmef/partition.npz; do
+for file in /etc/fedmef/ca.crt /etc/fedmef/device.key /etc/fedmef/trusted-entities.yaml /var/lib/fedmef/partition.npz; do
     [[ -f $file ]] || missing+=("$file")
 done
 if [[ ${#missing[@]} -eq 0 ]]; then
     echo "done: start it with  sudo systemctl enable --now flower-supernode"
 else
     echo "done; before  sudo systemctl enable --now flower-supernode  put in place: ${missing[*]}"
-    echo "(see deploy/README.md: the CA certificate, this device's private key, its data partition)"
+    echo "(see deploy/README.md: the CA certificate, this device's private key, the operator's app-signing public key, its data partition)"
 fi

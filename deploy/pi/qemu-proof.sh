@@ -26,7 +26,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 root=${ROOTFS:-/var/tmp/fedmef-pi-rootfs}
 suite=${SUITE:-bookworm}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# HTTPS like every download of the project (apt checks the signed Release files in any case)
+mirror=${DEBIAN_MIRROR:-https://deb.debian.org/debian}
 wheels=${WHEELS:-/var/tmp/fedmef-pi-wheels}
 control_torch=${CONTROL_TORCH-2.10.0}
 host_python=${PYTHON:-$repo/.venv/bin/python}
@@ -159,7 +160,7 @@ parts=$(mktemp -d)
 install -m 644 "$parts/pi-1.npz" "$root/var/lib/fedmef/partition.npz"
 rm -rf "$parts"
 
-step "venv $venv from requirements-aarch64.txt (as install.sh: --only-binary=:all: --no-deps, pip check)"
+step "venv $venv from requirements-aarch64.txt (as install.sh: --only-binary=:all: --no-deps --require-hashes, pip check)"
 # pip in the chroot picks the wheels for this platform (aarch64, the chroot's Python) from the registry
 # and keeps them in the wheel folder: a rerun downloads nothing new (pip's HTTP cache would not do:
 # it stores only what the registry's answer allows, and a proxy may strip that). The venv itself is
@@ -170,8 +171,10 @@ pip_put=(-m pip install --progress-bar off --only-binary=:all: --no-deps --no-in
          --find-links /var/cache/fedmef-wheels)
 rm -rf "${root:?}$venv"
 in_chroot python3 -m venv "$venv"
-in_chroot "$venv/bin/python" "${pip_get[@]}" -r "$requirements"
-in_chroot "$venv/bin/python" "${pip_put[@]}" -r "$requirements"
+# The pins' sha256 digests are checked on download and again on install, as install.sh does (the
+# control torch below has none: it is not installed on a Pi).
+in_chroot "$venv/bin/python" "${pip_get[@]}" --require-hashes -r "$requirements"
+in_chroot "$venv/bin/python" "${pip_put[@]}" --require-hashes -r "$requirements"
 in_chroot "$venv/bin/python" -m pip check
 in_chroot "$venv/bin/python" -m pip list --format=freeze | grep -iE '^(torch|flwr|numpy)=='
 
