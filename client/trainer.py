@@ -24,6 +24,7 @@ from common.data.datasets import Split
 from common.measure.accounting import SavedTensorMeter
 from common.nn.layers import _Masked, set_activation_sparsity
 from common.nn.models import Norm, build_model
+from common.nn.sap import seed_threshold_sampler
 from common.nn.training import TrainStats, batches, train_step
 from common.protocol.instructions import Instructions
 from common.pruning.adjustment import prune_and_grow
@@ -185,6 +186,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     if len(data) == 0:
         raise ValueError("this client has no training examples; check its partition")
     generator = torch.Generator().manual_seed(ins.seed)
+    seed_threshold_sampler(ins.seed)
     masks = {name: m.clone() for name, m in masks.items()}
     weights = prunable_weights(model)
     dense_masks = {name: torch.ones_like(m) for name, m in masks.items()}

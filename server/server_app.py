@@ -97,8 +97,10 @@ def main(grid: Grid, context: Context) -> None:
         cfg = parse_run_config(context.run_config)
         data = load_dataset(cfg.dataset, cfg.data_dir or None, download=cfg.download)
     except (ConfigError, DataError) as exc:
+        # raised, not SystemExit: Flower reports an exception in the run's status and in
+        # `flwr run --stream`, but a ServerApp that exits quietly only after its heartbeat times out
         log(ERROR, "%s", exc)
-        raise SystemExit(1) from exc
+        raise
     random.seed(cfg.seed)  # Flower samples nodes with `random`
     torch.manual_seed(cfg.seed)
     test = data.test
@@ -144,7 +146,7 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels)
-    strategy = make_strategy(cfg, template, evaluator)
+    strategy = make_strategy(cfg, template, evaluator, max_train_size=len(data.train))
     evaluate_round = round_evaluation(strategy, evaluator, on_record)
     strategy.start(
         grid,

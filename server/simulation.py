@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from typing import Any
 import psutil
 
 from common.measure import runtime
+from common.protocol.config import ConfigError, parse_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +95,16 @@ def stop_flower_processes(flwr_home: Path) -> int:
     return len(mine)
 
 
+def failure_cause(log_path: Path | None) -> str:
+    """The ServerApp's own error lines from Flower's log (ANSI colours stripped), so the cause of a
+    failed run reaches the terminal, not only the log file; empty when there are none."""
+    if log_path is None or not log_path.exists():
+        return ""
+    plain = (re.sub(r"\x1b\[[0-9;]*m", "", line) for line in log_path.read_text(errors="replace").splitlines())
+    errors = [line.split(":", 1)[1].strip() for line in plain if line.startswith("ERROR") and ":" in line]
+    return "".join(f"\n  {line}" for line in dict.fromkeys(errors))
+
+
 def run_simulation(
     run_config: Mapping[str, Any],
     num_supernodes: int,
@@ -109,6 +121,10 @@ def run_simulation(
     # flwr run takes either a TOML file or k=v pairs, not both: merge the preset in here
     preset_values = tomllib.loads(preset.read_text()) if preset is not None else {}
     overrides = {**preset_values, **run_config, "results-dir": str(results_dir), "run-name": run_name}
+    # Checked here, before Flower sees it: Flower rejects an unknown key with only "[code: 15] Invalid
+    # run configuration", and a ServerApp that fails takes a minute to be reported.
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    parse_run_config({**defaults, **overrides})
     cmd = [
         str(Path(sys.executable).parent / "flwr"),
         "run",
@@ -139,7 +155,7 @@ def run_simulation(
         where = f"; see {log_path}" if log_path else ""
         raise SimulationError(
             f"flwr run failed (exit {proc.returncode}, results file "
-            f"{'present' if results.exists() else 'missing'}){where}"
+            f"{'present' if results.exists() else 'missing'}){where}{failure_cause(log_path)}"
         )
     data = json.loads(results.read_text())
     if not data.get("summary"):
@@ -163,7 +179,10 @@ def main() -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"flwr run: {a.supernodes} simulated SuperNodes; Flower's log goes to {log_path}", flush=True)
     start = time.time()
-    data = run_simulation(overrides, a.supernodes, a.results_dir, name, a.preset, log_path=log_path)
+    try:
+        data = run_simulation(overrides, a.supernodes, a.results_dir, name, a.preset, log_path=log_path)
+    except (ConfigError, SimulationError) as exc:
+        sys.exit(f"simulation: {exc}")
     from server.results import markdown_table
 
     print(markdown_table({data["run"]["strategy"]: data}))

@@ -69,6 +69,7 @@ from common.pruning.schedules import (
     is_adjustment_round,
     round_learning_rate,
 )
+from server.bounds import beyond_round, state_norm, update_distance
 
 # (loss, accuracy) of a global model given as its state and masks, on the server's test set
 Evaluator = Callable[[dict[str, torch.Tensor], Masks], tuple[float, float]]
@@ -106,6 +107,8 @@ class RoundState:
     started: float = field(default_factory=time.time)
     sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (mask version, bytes down)
     evaluated: dict[int, int] = field(default_factory=dict)  # node -> mask version sent to evaluate
+    # the messages handed to Flower, which gives each its id when it sends it (see `sender`)
+    outgoing: list[Message] = field(default_factory=list)
     received: list[int] = field(default_factory=list)  # bytes up of every reply with content
     rejected: list[dict] = field(default_factory=list)
     clients: list[dict] = field(default_factory=list)
@@ -143,8 +146,17 @@ class SparseStrategy(Strategy):
         cls.method, cls.mode = method, METHODS[method].mode
         SparseStrategy.registry[method] = cls
 
-    def __init__(self, cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        template: nn.Module,
+        evaluator: Evaluator | None = None,
+        max_train_size: int | None = None,
+    ):
         self.cfg = cfg
+        # the whole training set: no node's |D_k| can exceed it (None: not known, no such check)
+        self.max_train_size = max_train_size
+        self.train_sizes: dict[int, int] = {}  # |D_k| each node declared in its first reply
         self.evaluator = evaluator  # test accuracy just before a server prune/grow (the paper's Fig. 1)
         self.layout = ModelLayout.of(template)
         full = template.state_dict()
@@ -225,7 +237,8 @@ class SparseStrategy(Strategy):
         ins = self.instructions(server_round)
         self.round = RoundState(server_round, ins)
         node_ids = self.sample(grid, self.cfg.fraction_train)
-        return [self.message_for(node, ins, MessageType.TRAIN) for node in node_ids]
+        self.round.outgoing = [self.message_for(node, ins, MessageType.TRAIN) for node in node_ids]
+        return self.round.outgoing
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -234,7 +247,7 @@ class SparseStrategy(Strategy):
         ins = state.instructions
         accepted: list[Contribution] = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self.sender(reply)
             if reply.has_error():
                 self._reject(node, f"client error: {reply.error.reason}")
                 continue
@@ -247,7 +260,9 @@ class SparseStrategy(Strategy):
                 continue
             contribution.metrics.update(bytes_down=state.sent[node][1], bytes_up=up)
             accepted.append(contribution)
-            self.node_versions[node] = state.sent[node][0]
+        accepted = self._within_bounds(accepted)
+        for contribution in accepted:
+            self.node_versions[contribution.node_id] = state.sent[contribution.node_id][0]
         state.clients = [{"node_id": c.node_id, **c.metrics} for c in accepted]
         log(
             INFO,
@@ -286,6 +301,7 @@ class SparseStrategy(Strategy):
             self.message_for(node, ins, MessageType.EVALUATE) for node in self.sample(grid, self.cfg.fraction_evaluate)
         ]
         state.evaluated = {m.metadata.dst_node_id: ins.mask_version for m in messages}
+        state.outgoing += messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -293,16 +309,13 @@ class SparseStrategy(Strategy):
         state = self._current_round(server_round)
         metrics: list[MetricRecord] = []
         for reply in replies:
+            node = self.sender(reply)
             if reply.has_error():
-                log(
-                    WARNING,
-                    "round %d: evaluation on node %d failed: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, reply.error.reason)
+                # it may hold any mask now: send the current one next time
+                self.node_versions.pop(node, None)
                 continue
-            self.node_versions[reply.metadata.src_node_id] = state.evaluated[reply.metadata.src_node_id]
+            self.node_versions[node] = state.evaluated[node]
             metrics.append(reply.content.metric_records["metrics"])
         total = sum(int(_scalar(m["num-examples"])) for m in metrics)
         if not total:
@@ -363,6 +376,19 @@ class SparseStrategy(Strategy):
         train_size = metrics.get("train-size")
         if not isinstance(train_size, int) or train_size <= 0:
             raise WireError(f"train-size (the client's |D_k|) must be a positive int, got {train_size!r}")
+        if self.max_train_size is not None and train_size > self.max_train_size:
+            raise WireError(f"train-size {train_size} exceeds the whole training set ({self.max_train_size})")
+        declared = self.train_sizes.setdefault(node, train_size)
+        if train_size != declared:
+            # its weight in every average: a node cannot grow it after its first reply
+            raise WireError(f"train-size {train_size} differs from the {declared} this node declared first")
+        # partial batches may count whole: an epoch processes at most train-size + batch-size examples
+        if examples > ins.local_epochs * (train_size + ins.batch_size):
+            raise WireError(f"num-examples {examples} exceeds {ins.local_epochs} epoch(s) of its {train_size} examples")
+        version = metrics.get("mask-version")
+        if version != ins.mask_version:
+            # its values would land on another mask's positions
+            raise WireError(f"trained under mask version {version!r}, but the server sent version {ins.mask_version}")
         loss = metrics.get("train-loss")
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise WireError(f"train-loss must be a finite float, got {loss!r}")
@@ -404,6 +430,36 @@ class SparseStrategy(Strategy):
         if "device" in content:
             client_metrics["device"] = dict(content["device"])
         return Contribution(node, examples, train_size, state, masks, topk, client_metrics)
+
+    def _within_bounds(self, contributions: list[Contribution]) -> list[Contribution]:
+        """The replies whose influence is bounded (server/bounds.py): an update no further from the
+        global model than ``max-update-ratio`` times the other replies' median distance and times the
+        model's own norm, and top-K values no larger than that ratio times the others' median."""
+        factor = self.cfg.max_update_ratio
+        distances = [update_distance(c.state, self.state) for c in contributions]
+        far = beyond_round(distances, factor)
+        limit = factor * state_norm(self.state)
+        peaks = [
+            max((float(v.abs().max()) for _, v in c.topk.values() if v.numel()), default=0.0) if c.topk else 0.0
+            for c in contributions
+        ]
+        loud = beyond_round(peaks, factor) if all(c.topk is not None for c in contributions) else [False] * len(peaks)
+        kept = []
+        for c, d, f, p, lo in zip(contributions, distances, far, peaks, loud, strict=True):
+            if f or d > limit:
+                self._reject(
+                    c.node_id,
+                    f"update distance {d:.4g} is beyond {factor:g}x the round's other "
+                    f"replies (median) or the model's norm ({limit / factor:.4g})",
+                )
+            elif lo:
+                self._reject(
+                    c.node_id, f"top-K gradient values up to {p:.4g}, beyond {factor:g}x the round's other replies"
+                )
+            else:
+                c.metrics["update_distance"] = d
+                kept.append(c)
+        return kept
 
     def reply_masks(self, content: RecordDict, ins: Instructions) -> Masks | None:
         """The structure a reply's values live under when it is not the global mask (FedDST)."""
@@ -495,6 +551,17 @@ class SparseStrategy(Strategy):
             return {}
         counts = dict(zip(self.masks, ins.counts, strict=True))
         return mark_low({name: self.state[name] for name in self.masks}, self.masks, counts)
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply answers for. An error reply that Flower makes itself for a node that
+        dropped out (or whose reply it could not fetch) comes from the SuperLink, not from that node:
+        the message it answers, which Flower gave an id when it sent it, names the node."""
+        asked = reply.metadata.reply_to_message_id
+        if asked and self.round is not None:
+            for message in self.round.outgoing:
+                if message.metadata.message_id == asked:
+                    return message.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _current_round(self, server_round: int) -> RoundState:
         if self.round is None or self.round.number != server_round:
@@ -627,8 +694,10 @@ class FedDIP(SparseStrategy, method="feddip"):
         return True
 
 
-def make_strategy(cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None) -> SparseStrategy:
-    return SparseStrategy.registry[cfg.strategy](cfg, template, evaluator)
+def make_strategy(
+    cfg: RunConfig, template: nn.Module, evaluator: Evaluator | None = None, max_train_size: int | None = None
+) -> SparseStrategy:
+    return SparseStrategy.registry[cfg.strategy](cfg, template, evaluator, max_train_size)
 
 
 missing = set(METHODS) - set(SparseStrategy.registry)

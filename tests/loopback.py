@@ -46,6 +46,8 @@ class LoopbackGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for i, msg in enumerate(messages):
+            # Flower's grid gives each message its id as it pushes it, in place; replies refer to it
+            msg.metadata.__dict__["_message_id"] = msg.object_id
             self.sent.append(msg)
             handler = train if msg.metadata.message_type == MessageType.TRAIN else evaluate_handler
             try:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from server.simulation import run_simulation
+from common.protocol.config import ConfigError
+from server.simulation import SimulationError, run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -39,3 +40,23 @@ def test_flwr_run_fedmef_in_simulation(tmp_path):
         assert (tmp_path / "e2e" / f"results.{suffix}").stat().st_size > 0
     assert (tmp_path / "e2e" / "model.pt").exists()
     assert "Strategy execution finished" in (tmp_path / "flwr.log").read_text()
+
+
+def test_the_driver_refuses_a_wrong_config_before_flower_starts(tmp_path):
+    """Flower itself would answer only "[code: 15] Invalid run configuration"."""
+    with pytest.raises(ConfigError, match="unknown key 'dirichlet-alpa' \\(did you mean 'dirichlet-alpha'\\?\\)"):
+        run_simulation({"dirichlet-alpa": 0.3}, num_supernodes=2, results_dir=tmp_path, run_name="typo")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_data_error_in_the_server_app_fails_the_run_with_its_cause(tmp_path):
+    """The ServerApp raises (a SystemExit was reported by nobody): the driver fails, naming the cause."""
+    with pytest.raises(SimulationError, match="CIFAR-10 not found in /nonexistent/cifar: put the extracted"):
+        run_simulation(
+            {"dataset": "cifar10", "data-dir": "/nonexistent/cifar"},
+            num_supernodes=2,
+            results_dir=tmp_path,
+            run_name="nodata",
+            log_path=tmp_path / "flwr.log",
+            timeout=300,
+        )

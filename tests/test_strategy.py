@@ -1,12 +1,13 @@
 """The strategies and the ClientApp together, through real Flower Messages on a loopback grid."""
 
+import random
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from loopback import LoopbackGrid
 
 from common.data.datasets import Split, load_dataset
@@ -53,7 +54,7 @@ def federation(fmnist, tamper=None, **overrides):
     test = Split(fmnist.test.images[:200], fmnist.test.labels[:200])
     records: list[dict] = []
     evaluator = GlobalEvaluator(cfg, test, 10, 1)
-    strategy = make_strategy(cfg, template, evaluator)
+    strategy = make_strategy(cfg, template, evaluator, max_train_size=len(fmnist.train))
     strategy.evaluate_round = round_evaluation(strategy, evaluator, records.append)
     return strategy, LoopbackGrid(NODES, rc, tamper), records
 
@@ -172,12 +173,13 @@ def _set_values(reply: Message, value: float, train_size: int, key: str = "train
 @pytest.mark.parametrize("method", ["fedmef", "feddst", "fedavg", "feddip"])
 def test_aggregation_is_weighted_by_the_clients_training_set_sizes(fmnist, method):
     # every client processes the same 4 x 16 examples (the step cap); only |D_k| differs: 200, 2000, 800
-    plan = {0: (1.0, 200), 1: (3.0, 2000), 2: (5.0, 800)}
+    # (values small enough that no reply moves the model beyond max-update-ratio times its norm)
+    plan = {0: (0.01, 200), 1: (0.03, 2000), 2: (0.05, 800)}
     strategy, grid, _ = federation(
         fmnist, tamper=lambda i, r: _set_values(r, *plan[i]), strategy=method, **{"delta-r": 100}
     )
     play(strategy, grid, 1)
-    expected = (1.0 * 200 + 3.0 * 2000 + 5.0 * 800) / 3000  # weights 0.067 / 0.667 / 0.267
+    expected = (0.01 * 200 + 0.03 * 2000 + 0.05 * 800) / 3000  # weights 0.067 / 0.667 / 0.267
     for name, mask in strategy.masks.items():
         values = strategy.global_state()[name][mask]
         assert torch.allclose(values, torch.full_like(values, expected))
@@ -235,6 +237,118 @@ def test_a_malformed_reply_is_rejected_and_the_round_goes_on(fmnist, kind, caplo
     assert len(record["clients"]) == NODES - 1
     assert all(torch.isfinite(t).all() for t in strategy.global_state().values())
     assert any(not torch.equal(before[n], t) for n, t in strategy.global_state().items())
+
+
+def _hostile(kind: str):
+    """A reply of node index 1 that passes the wire's checks but would take over the model."""
+
+    def tamper(i: int, reply: Message) -> Message:
+        if i != 1:
+            return reply
+        if kind == "dropped":  # the honest reference: node 1 has no say at all
+            return Message(error=Error(code=0, reason="dropped"), reply_to=reply)
+        metrics = dict(reply.content["metrics"])
+        if kind == "examples-1e12":
+            metrics["num-examples"] = 10**12
+        elif kind == "train-size-1e12":
+            metrics["train-size"] = 10**12
+        elif kind == "stale-mask":  # trained under the mask it held before, not the one the server sent
+            metrics["mask-version"] = metrics["mask-version"] - 1
+        reply.content["metrics"] = MetricRecord(metrics)
+        arrays = from_array_record(reply.content["model"])
+        if kind in ("values-1e30", "feddst-values-1e30"):
+            arrays["values"][:] = 1e30
+        elif kind == "values-flt-max":
+            arrays["values"][:] = np.finfo(np.float32).max
+        elif kind == "dense-1e30":
+            arrays["dense"][:] = 1e30
+        elif kind == "topk-1e30":
+            topk = from_array_record(reply.content["topk"])
+            topk["topk-val"][:] = 1e30
+            reply.content["topk"] = to_array_record(topk)
+        reply.content["model"] = to_array_record(arrays)
+        return reply
+
+    return tamper
+
+
+_TWO_ROUNDS: dict = {}
+
+
+def _two_rounds(fmnist, method: str, kind: str):
+    """Round 1 honest, round 2 with node index 1's reply made ``kind``: (strategy, that node's id).
+    Cached, so the honest reference ("dropped") is trained once per method."""
+    if (method, kind) not in _TWO_ROUNDS:
+        torch.manual_seed(0)  # the same initial model for every federation
+        random.seed(0)  # and the same order of the sampled nodes, so index 1 is the same node
+        strategy, grid, _ = federation(fmnist, strategy=method, **{"delta-r": 2})
+        train_round(strategy, grid, 1)
+        grid.tamper = _hostile(kind)
+        replies = train_round(strategy, grid, 2)
+        _TWO_ROUNDS[method, kind] = (strategy, replies[1].metadata.src_node_id)
+    return _TWO_ROUNDS[method, kind]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "values-1e30",
+        "values-flt-max",
+        "dense-1e30",
+        "examples-1e12",
+        "train-size-1e12",
+        "topk-1e30",
+        "feddst-values-1e30",
+        "stale-mask",
+    ],
+)
+def test_a_hostile_reply_is_rejected_and_the_honest_aggregate_stands(fmnist, kind):
+    """The reply classes that passed validation and took the model over (a reviewer's 1e30 values,
+    FLT_MAX, a claimed 10^12 examples, 1e30 top-K gradients, FedDST's 1e30 values), and a reply made
+    under another mask version: each is rejected with its reason, and the model is what the two honest
+    replies make of it. Round 2 (delta-r 2) is an adjustment round, so top-K travels, and
+    the nodes already hold mask version 0 from round 1."""
+    method = "feddst" if kind.startswith("feddst") else "fedmef"
+    strategy, bad = _two_rounds(fmnist, method, kind)
+    record = strategy.round_record()
+    assert [r["node_id"] for r in record["rejected"]] == [bad], record["rejected"]
+    assert len(record["clients"]) == NODES - 1
+    honest, _ = _two_rounds(fmnist, method, "dropped")
+    for name, value in strategy.global_state().items():
+        assert torch.equal(value, honest.global_state()[name]), name
+    for name, mask in strategy.masks.items():
+        assert torch.equal(mask, honest.masks[name]), name
+
+
+def test_a_node_that_drops_out_is_recorded_by_its_own_id_and_gets_the_mask_again(fmnist):
+    """Flower answers for a node it lost with an error reply from the SuperLink (node 0 here); the
+    round records the node that was asked, and that node is sent the full mask next time."""
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
+    train_round(strategy, grid, 1)
+
+    def lost(i: int, reply: Message) -> Message:
+        if i != 1:
+            return reply
+        failed = Message(error=Error(code=0, reason="node unavailable"), reply_to=grid.sent[-1])
+        failed.metadata.__dict__["_src_node_id"] = 0  # as Flower's grid makes it
+        return failed
+
+    grid.tamper = lost
+    train_round(strategy, grid, 2)
+    asked = grid.sent[-2].metadata.dst_node_id
+    assert strategy.round_record()["rejected"] == [{"node_id": asked, "reason": "client error: node unavailable"}]
+    assert asked not in strategy.node_versions
+    grid.tamper = None
+    strategy.configure_train(3, strategy.global_arrays(), ConfigRecord(), grid)
+    to_lost = next(m for m in strategy.round.outgoing if m.metadata.dst_node_id == asked)
+    assert "masks" in to_lost.content
+
+
+def test_the_bounds_reject_nothing_in_an_honest_federation(fmnist):
+    strategy, grid, records = federation(fmnist, **{"delta-r": 1})
+    play(strategy, grid, 3)
+    assert all(not r.get("rejected") for r in records), [r.get("rejected") for r in records]
+    assert strategy.round_record()["rejected"] == []
 
 
 # ---------------------------------------------------------------------------------------------- all methods

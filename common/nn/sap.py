@@ -35,6 +35,13 @@ THRESHOLD_SAMPLE = 1 << 14
 _sampler = torch.Generator().manual_seed(0x5A9)
 
 
+def seed_threshold_sampler(seed: int) -> None:
+    """Restart the stream the threshold samples come from. The trainer seeds it from the round's
+    instructions, so a client's SAP thresholds, and with them its update, do not depend on what the
+    process (a simulation worker serves many clients) computed before."""
+    _sampler.manual_seed(seed)
+
+
 def keep_threshold(x: torch.Tensor, s_ta: float) -> float | None:
     """The magnitude ``t`` such that ``|x| > t`` marks the ``1 - s_ta`` fraction of ``x`` to keep.
 

@@ -73,6 +73,7 @@ class RunConfig:
     bae_lambda: float = 1.0
     grad_batches: int = 4
     topk_pass: str = "exact"
+    max_update_ratio: float = 10.0
     feddip_s0: float = 0.5
     feddip_interval: int = 2
     feddip_lambda_max: float = 1e-3
@@ -157,6 +158,10 @@ def _range_errors(c: RunConfig) -> list[str]:
     choice("partitioner", c.partitioner, PARTITIONERS)
     choice("density", c.density, ("erk", "uniform"))
     choice("topk-pass", c.topk_pass, TOPK_PASSES)
+    need(
+        c.max_update_ratio > 1.0,
+        f"max-update-ratio = {c.max_update_ratio}: must be > 1 (10 rejects only gross outliers)",
+    )
     need(
         c.width == DEFAULT_WIDTH or c.model in WIDTH_MODELS,
         f"width = {c.width}: only {', '.join(WIDTH_MODELS)} take a base width other than {DEFAULT_WIDTH}",
