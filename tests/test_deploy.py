@@ -289,17 +289,25 @@ def fake_flower(tmp_path):
     return bin_dir
 
 
-@pytest.mark.parametrize("node_auth", ["1", "0"])
-def test_start_superlink_passes_tls_database_and_auth(tmp_path, fake_flower, node_auth):
-    subprocess.run(
-        [DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True, capture_output=True
-    )
-    env = {
+def _make_pki(tmp_path: Path) -> Path:
+    pki = tmp_path / "pki"
+    subprocess.run([DEPLOY / "server" / "make-pki.sh", "-o", pki, "-n", "0"], check=True, capture_output=True)
+    return pki
+
+
+@pytest.fixture
+def superlink_env(tmp_path, fake_flower):
+    """What start-superlink.sh needs: the fake Flower first on PATH, a PKI, a state folder."""
+    return {
         "PATH": f"{fake_flower}:/usr/bin:/bin",
-        "FEDMEF_PKI": str(tmp_path / "pki"),
+        "FEDMEF_PKI": str(_make_pki(tmp_path)),
         "FEDMEF_STATE_DIR": str(tmp_path / "state"),
-        "FEDMEF_NODE_AUTH": node_auth,
     }
+
+
+@pytest.mark.parametrize("node_auth", ["1", "0"])
+def test_start_superlink_passes_tls_database_and_auth(tmp_path, superlink_env, node_auth):
+    env = {**superlink_env, "FEDMEF_NODE_AUTH": node_auth}
     out = subprocess.run(
         [DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True, check=True
     ).stdout
@@ -311,16 +319,8 @@ def test_start_superlink_passes_tls_database_and_auth(tmp_path, fake_flower, nod
     assert args.ssl_certfile == str(tmp_path / "pki" / "server.pem")
 
 
-def test_start_superlink_refuses_to_put_the_control_api_on_the_network(tmp_path, fake_flower):
-    subprocess.run(
-        [DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True, capture_output=True
-    )
-    env = {
-        "PATH": f"{fake_flower}:/usr/bin:/bin",
-        "FEDMEF_PKI": str(tmp_path / "pki"),
-        "FEDMEF_STATE_DIR": str(tmp_path / "state"),
-        "FEDMEF_HOST": "0.0.0.0",
-    }
+def test_start_superlink_refuses_to_put_the_control_api_on_the_network(superlink_env):
+    env = {**superlink_env, "FEDMEF_HOST": "0.0.0.0"}
     run = subprocess.run([DEPLOY / "server" / "start-superlink.sh"], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "Control API" in run.stderr and "start-fleet-proxy.sh" in run.stderr
     # an explicit, named override for an isolated test network
@@ -364,12 +364,9 @@ def test_shell_scripts_parse():
 
 
 def _proxy_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    subprocess.run(
-        [DEPLOY / "server" / "make-pki.sh", "-o", tmp_path / "pki", "-n", "0"], check=True, capture_output=True
-    )
     return {
         "PATH": "/usr/sbin:/usr/bin:/bin",
-        "FEDMEF_PKI": str(tmp_path / "pki"),
+        "FEDMEF_PKI": str(_make_pki(tmp_path)),
         "FEDMEF_PROXY_STATE_DIR": str(tmp_path / "proxy"),
         **extra,
     }
