@@ -212,13 +212,17 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
             netns=net.netns,
         )
 
-    def operator_run(app: str, name: str, rounds: int) -> tuple[subprocess.CompletedProcess, dict]:
+    def run_command(app: str, name: str, rounds: int) -> list:
+        """The operator's `flwr run` of ``app``, small enough for a test, results under ``name``."""
         overrides = (
             f"num-server-rounds={rounds} max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
             f"results-dir='{results}' run-name='{name}'"
         )
+        return [BIN / "flwr", "run", app, "op", "--stream", "--run-config", overrides]
+
+    def operator_run(app: str, name: str, rounds: int) -> tuple[subprocess.CompletedProcess, dict]:
         try:
-            done = _run([BIN / "flwr", "run", app, "op", "--stream", "--run-config", overrides], env("operator"), 240)
+            done = _run(run_command(app, name, rounds), env("operator"), 240)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"flwr run {app} did not finish in 240 s:\n{exc.stdout}\n{procs.tails()}")
         results_file = results / name / "results.json"
@@ -262,12 +266,8 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
         120,
     )
     assert published.returncode == 0, published.stdout + published.stderr
-    overrides = (
-        f"num-server-rounds=2 max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
-        f"results-dir='{results}' run-name='signed'"
-    )
     legit = subprocess.Popen(
-        [str(BIN / "flwr"), "run", f"@fedmef/fedmef=={version}", "op", "--stream", "--run-config", overrides],
+        [str(c) for c in run_command(f"@fedmef/fedmef=={version}", "signed", 2)],
         env=env("operator"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
