@@ -7,8 +7,9 @@
 A protocol is a preset (``conf/*.toml``), a federation size and a matrix of named runs (run-config
 overrides). Each run writes ``bench/results/<protocol>/<run>-s<seed>/results.json``; a run whose
 file holds a summary is finished and skipped, so a matrix started with ``nice`` in the background
-can stop at any time and go on in a later session. An unfinished run's folder is moved aside to
-``<run>-s<seed>.partial`` (ignored by git) before it starts again. The summary (``summary.json``,
+can stop at any time and go on in a later session. An unfinished run with a checkpoint goes on from
+its last finished round (``resume``); one without is moved aside to ``<run>-s<seed>.partial``
+(ignored by git) and starts again. The summary (``summary.json``,
 ``summary.md``, ``summary.png`` beside the runs) is computed from the run files only: mean ± std and
 min/max over seeds per run, per-round curves with seed bands, the accuracy drop at each server
 adjustment, BaE's squeeze of the marked weights, bytes and memory.
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.checkpoint import NAME as CHECKPOINT
 from server.plots import plot_runs
 from server.results import FINAL_ROUNDS, read_results, summarize, write_json_atomic
 from server.simulation import ROOT, run_simulation
@@ -113,21 +115,23 @@ def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> None:
         if finished(folder):
             print(f"[{i}/{len(todo)}] {folder.name}: finished, skipped", flush=True)
             continue
-        if folder.exists():
+        resume = (folder / CHECKPOINT).exists()
+        if folder.exists() and not resume:
             aside = folder.with_name(folder.name + ".partial")
             shutil.rmtree(aside, ignore_errors=True)
             folder.rename(aside)
             print(f"[{i}/{len(todo)}] {folder.name}: unfinished run moved to {aside.name}", flush=True)
         start = time.time()
-        print(f"[{i}/{len(todo)}] {folder.name}: flwr run with {protocol.supernodes} SuperNodes ...", flush=True)
+        how = "resumed from its checkpoint" if resume else "flwr run"
+        print(f"[{i}/{len(todo)}] {folder.name}: {how} with {protocol.supernodes} SuperNodes ...", flush=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         results = run_simulation(
-            {**protocol.overrides, **protocol.runs[run], "seed": seed},
+            {**protocol.overrides, **protocol.runs[run], "seed": seed, **({"resume": True} if resume else {})},
             protocol.supernodes,
             folder.parent,
             folder.name,
             preset=ROOT / "conf" / protocol.preset,
-            log_path=folder.parent / f"{folder.name}.log",
+            log_path=folder.parent / f"{folder.name}{'-resumed' if resume else ''}.log",
             timeout=protocol.timeout_s,
         )
         s = results["summary"]

@@ -53,6 +53,8 @@ def train(msg: Message, context: Context) -> Message:
     data = load_client_data(parse_run_config(context.run_config), context.node_config)
     model, layout, masks = _received_model(msg, context, ins, data)
     ins = _fit_memory_budget(model, data, ins, context)
+    # a node without a partition id (its own data) keeps its streams apart by its node id
+    ins = replace(ins, seed=ins.client_seed(data.partition_id if data.partition_id >= 0 else context.node_id))
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
     result = local_train(model, masks, data.train, ins)
@@ -95,6 +97,13 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def identity(msg: Message, context: Context) -> Message:
+    """The node's partition id (-1: none), which orders it in the server's sampling and aggregation."""
+    partition = load_client_data(parse_run_config(context.run_config), context.node_config).partition_id
+    return Message(content=RecordDict({"identity": MetricRecord({"partition-id": partition})}), reply_to=msg)
 
 
 @app.evaluate()

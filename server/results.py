@@ -92,9 +92,27 @@ class ResultsLog:
         self._started = time.monotonic()
         write_json_atomic(self._path, self._data)
 
+    @classmethod
+    def resumed(cls, path: Path, data: dict, elapsed_s: float) -> ResultsLog:
+        """Go on with ``data``, a checkpoint's copy of a log that had run ``elapsed_s`` seconds, in
+        ``path``. The file is rewritten from it: a run killed between writing the file and its
+        checkpoint has a round in the file that the resumed run repeats."""
+        log = cls.__new__(cls)
+        log._path = Path(path)
+        log._data = copy.deepcopy(data)
+        log._data["run"].setdefault("resumed", []).append({"after_round": len(data["rounds"]), "elapsed_s": elapsed_s})
+        log._started = time.monotonic() - elapsed_s
+        write_json_atomic(log._path, log._data)
+        return log
+
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds the run has taken so far, over all its starts."""
+        return time.monotonic() - self._started
 
     @property
     def data(self) -> dict:
@@ -113,7 +131,7 @@ class ResultsLog:
 
     def finish(self) -> dict:
         """Compute the summary and the run's wall time, store them in the file and return the summary."""
-        self._data["run"]["wall_time_s"] = time.monotonic() - self._started
+        self._data["run"]["wall_time_s"] = self.elapsed_s
         self._data["summary"] = summarize(self._data)
         write_json_atomic(self._path, self._data)
         return self._data["summary"]

@@ -1,14 +1,15 @@
 """The Flower ServerApp: validate the run config, build the strategy, run it, write the results.
 
 Each run writes ``<results-dir>/<run-name>/`` with ``results.json`` (rewritten after every round, so an
-interrupted run keeps its finished rounds), ``results.png`` (accuracy and bytes per round, memory),
-``results.md`` (the summary table, also printed) and ``model.pt`` (final weights and masks).
+interrupted run keeps its finished rounds), ``checkpoint.pt`` (after every round, until the run ends:
+``resume = true`` continues a killed run from it, see :mod:`server.checkpoint`), ``results.png``
+(accuracy and bytes per round, memory), ``results.md`` (the summary table, also printed) and
+``model.pt`` (final weights and masks).
 """
 
 from __future__ import annotations
 
 import platform
-import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from common.nn.models import Norm, build_model
 from common.nn.training import evaluate
 from common.protocol.config import ConfigError, RunConfig, parse_run_config
 from common.pruning.masks import Masks, load_masks, sparsity
+from server.checkpoint import NAME, check_resumable, discard_checkpoints, load_checkpoint, save_checkpoint
 from server.plots import plot_runs
 from server.results import ResultsLog, markdown_table
 from server.strategy import SparseStrategy, make_strategy
@@ -62,12 +64,15 @@ class GlobalEvaluator:
 
 def round_evaluation(
     strategy: SparseStrategy, evaluator: GlobalEvaluator, on_record: Callable[[dict], None]
-) -> Callable[[int, ArrayRecord], MetricRecord]:
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """Flower's ``evaluate_fn``, its last call of each round: the global model's test accuracy, then the
     round's record (the strategy's :meth:`~server.strategy.SparseStrategy.round_record` plus accuracy)
     handed to ``on_record``. Round 0 is the initial model."""
 
-    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and strategy.rounds_before:
+            return None  # a resumed run starts from its checkpoint's model, recorded already
+        server_round += strategy.rounds_before
         start = time.perf_counter()
         loss, accuracy = evaluator(strategy.global_state(), strategy.masks)
         if server_round == 0:
@@ -96,33 +101,47 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = parse_run_config(context.run_config)
         data = load_dataset(cfg.dataset, cfg.data_dir or None, download=cfg.download)
+        out = run_dir(cfg)
+        saved = load_checkpoint(out) if cfg.resume else None
+        if saved is not None:
+            check_resumable(saved["config"], cfg.as_dict())
+        elif (out / NAME).exists():
+            raise ConfigError(
+                f"{out} holds the checkpoint of an unfinished run: continue it with resume = true, "
+                "or choose another run-name"
+            )
     except (ConfigError, DataError) as exc:
         # raised, not SystemExit: Flower reports an exception in the run's status and in
         # `flwr run --stream`, but a ServerApp that exits quietly only after its heartbeat times out
         log(ERROR, "%s", exc)
         raise
-    random.seed(cfg.seed)  # Flower samples nodes with `random`
     torch.manual_seed(cfg.seed)
     test = data.test
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
         test = Split(test.images[: cfg.max_test_examples], test.labels[: cfg.max_test_examples])
     template = global_model(cfg, data.num_classes, data.in_channels)
-    out = run_dir(cfg)
-    results = ResultsLog(
-        out / "results.json",
-        {
-            "strategy": cfg.strategy,
-            "config": cfg.as_dict(),
-            "norm": cfg.resolved_norm,
-            "sap": cfg.sap_on,
-            "bae": cfg.bae_on,
-            "started": datetime.now(UTC).isoformat(),
-            "host": platform.node(),
-            "torch": torch.__version__,
-            "test_examples": len(test),
-        },
-    )
-    started = time.time()
+    evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels)
+    strategy = make_strategy(cfg, template, evaluator, max_train_size=len(data.train))
+    if saved is None:
+        results = ResultsLog(
+            out / "results.json",
+            {
+                "strategy": cfg.strategy,
+                "config": cfg.as_dict(),
+                "norm": cfg.resolved_norm,
+                "sap": cfg.sap_on,
+                "bae": cfg.bae_on,
+                "started": datetime.now(UTC).isoformat(),
+                "host": platform.node(),
+                "torch": torch.__version__,
+                "test_examples": len(test),
+            },
+        )
+    else:
+        strategy.restore(saved["strategy"], saved["round"])
+        results = ResultsLog.resumed(out / "results.json", saved["results"], saved["elapsed_s"])
+        log(INFO, "[%s] resuming after round %d of %d in %s", cfg.strategy, saved["round"], cfg.num_server_rounds, out)
+    started, first = time.time(), strategy.rounds_before
 
     def on_record(record: dict) -> None:
         if record["round"] == 0:
@@ -130,7 +149,15 @@ def main(grid: Grid, context: Context) -> None:
             return
         results.add_round(record)
         done = record["round"]
-        eta = (time.time() - started) / done * (cfg.num_server_rounds - done)
+        checkpoint = {
+            "round": done,
+            "config": cfg.as_dict(),
+            "strategy": strategy.checkpoint(),
+            "results": results.data,
+            "elapsed_s": results.elapsed_s,
+        }
+        save_checkpoint(out, checkpoint)
+        eta = (time.time() - started) / (done - first) * (cfg.num_server_rounds - done)
         log(
             INFO,
             "[%s] round %d/%d: test acc %.4f, %.1f KiB/client (%.3fx dense), %d clients, %d rejected, ETA %.0f s",
@@ -145,16 +172,15 @@ def main(grid: Grid, context: Context) -> None:
             eta,
         )
 
-    evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels)
-    strategy = make_strategy(cfg, template, evaluator, max_train_size=len(data.train))
     evaluate_round = round_evaluation(strategy, evaluator, on_record)
-    strategy.start(
-        grid,
-        initial_arrays=strategy.global_arrays(),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        evaluate_fn=evaluate_round,
-    )
+    if cfg.num_server_rounds > strategy.rounds_before:
+        strategy.start(
+            grid,
+            initial_arrays=strategy.global_arrays(),
+            num_rounds=cfg.num_server_rounds - strategy.rounds_before,
+            timeout=cfg.round_timeout,
+            evaluate_fn=evaluate_round,
+        )
     results.finish()
     torch.save(
         {"state": strategy.global_state(), "masks": strategy.masks, "config": cfg.as_dict()},
@@ -163,4 +189,5 @@ def main(grid: Grid, context: Context) -> None:
     plot_runs({cfg.strategy: results.data}, results.path.with_suffix(".png"), title=f"{cfg.strategy} on {cfg.dataset}")
     table = markdown_table({cfg.strategy: results.data})
     results.path.with_suffix(".md").write_text(table + "\n")
+    discard_checkpoints(out)  # results.json and model.pt now hold everything
     log(INFO, "results: %s\n%s", results.path, table)

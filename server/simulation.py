@@ -136,8 +136,8 @@ def run_simulation(
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
     ]
     results = results_dir / run_name / "results.json"
-    if results.exists():
-        raise SimulationError(f"{results} exists already: choose another run name or move it away")
+    if results.exists() and not overrides.get("resume"):
+        raise SimulationError(f"{results} exists already: choose another run name, move it away or resume it")
     log_file = open(log_path, "w") if log_path else None
     log = log_file if log_file is not None else subprocess.DEVNULL
     try:
@@ -170,12 +170,17 @@ def main() -> None:
     p.add_argument("--set", default="", help="more overrides, e.g. \"strategy='fedtiny' num-server-rounds=3\"")
     p.add_argument("--results-dir", type=Path, default=ROOT / "runs")
     p.add_argument("--name", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the killed run --name from its last checkpoint")
     a = p.parse_args()
     overrides = {}
     if a.set:
         overrides = tomllib.loads("\n".join(a.set.split()))
+    if a.resume:
+        if not a.name:
+            sys.exit("simulation: --resume needs the --name of the run to continue")
+        overrides["resume"] = True
     name = a.name or f"{overrides.get('strategy', 'fedmef')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_path = a.results_dir.resolve() / f"{name}.log"
+    log_path = a.results_dir.resolve() / f"{name}{'-resumed' if a.resume else ''}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"flwr run: {a.supernodes} simulated SuperNodes; Flower's log goes to {log_path}", flush=True)
     start = time.time()

@@ -24,7 +24,6 @@ round accumulates lives in one :class:`RoundState`, from ``configure_train`` to 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -35,7 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from common.methods import METHODS, Mode
@@ -70,12 +69,10 @@ from common.pruning.schedules import (
     round_learning_rate,
 )
 from server.bounds import beyond_round, state_norm, update_distance
+from server.fleet import NodeKey, OverSelectingGrid, ask_partition_ids, node_key, sample_nodes, wait_for_nodes
 
 # (loss, accuracy) of a global model given as its state and masks, on the server's test set
 Evaluator = Callable[[dict[str, torch.Tensor], Masks], tuple[float, float]]
-
-# How often a round looks again while it waits for enough nodes to connect.
-NODE_WAIT_POLL_S = 1.0
 
 
 @dataclass
@@ -105,12 +102,15 @@ class RoundState:
     number: int
     instructions: Instructions
     started: float = field(default_factory=time.time)
+    wanted: int = 0  # training replies to aggregate; fewer than asked when over-selecting
+    skipped: str | None = None  # why no node was asked to train
     sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (mask version, bytes down)
     evaluated: dict[int, int] = field(default_factory=dict)  # node -> mask version sent to evaluate
     # the messages handed to Flower, which gives each its id when it sends it (see `sender`)
     outgoing: list[Message] = field(default_factory=list)
     received: list[int] = field(default_factory=list)  # bytes up of every reply with content
     rejected: list[dict] = field(default_factory=list)
+    abandoned: list[int] = field(default_factory=list)  # asked nodes whose reply never came or came too late
     clients: list[dict] = field(default_factory=list)
     client_eval: dict | None = None
     sparsity: float | None = None
@@ -166,6 +166,8 @@ class SparseStrategy(Strategy):
         self._prune_state()
         self.mask_version = 0
         self.node_versions: dict[int, int] = {}  # the mask version each node acknowledged
+        self.node_keys: dict[int, NodeKey] = {}  # what orders nodes in sampling and aggregation (server/fleet.py)
+        self.rounds_before = 0  # rounds a checkpoint had done: Flower counts this start's rounds from 1
         self.round: RoundState | None = None
         self._arrays: ArrayRecord | None = None  # the global model as last handed to Flower
         self.dense_bytes = 2 * content_bytes(
@@ -226,6 +228,15 @@ class SparseStrategy(Strategy):
         return False
 
     # ---------------------------------------------------------------- Flower's strategy interface
+    # Flower numbers the rounds of each `start` from 1; a resumed run's round r is Flower's r - rounds_before.
+
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Result:
+        """Flower's round loop, on :meth:`over_selecting` ``grid``."""
+        return super().start(self.over_selecting(grid), *args, **kwargs)
+
+    def over_selecting(self, grid: Grid) -> Grid:
+        """``grid``, except that a round's training messages return at the first replies it wants."""
+        return OverSelectingGrid(grid, self._wanted_replies, lambda reply: not reply.has_error())
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -233,16 +244,28 @@ class SparseStrategy(Strategy):
         """One message per sampled node. ``arrays`` other than the strategy's own last model (a
         checkpoint handed to ``start``) become the global weights; ``config`` is unused: every setting
         comes from the run config, through :meth:`instructions`."""
+        server_round += self.rounds_before
         self.adopt(arrays)
         ins = self.instructions(server_round)
         self.round = RoundState(server_round, ins)
-        node_ids = self.sample(grid, self.cfg.fraction_train)
+        minimum = self.cfg.min_train_nodes
+        connected = wait_for_nodes(grid, minimum, self.cfg.node_wait_timeout)
+        if len(connected) < minimum:
+            self.round.skipped = (
+                f"only {len(connected)} of the min-train-nodes = {minimum} nodes connected within "
+                f"node-wait-timeout = {self.cfg.node_wait_timeout:.0f} s: start more SuperNodes or "
+                "lower min-train-nodes"
+            )
+            log(WARNING, "round %d skipped: %s", server_round, self.round.skipped)
+            return []
+        node_ids, self.round.wanted = self.sample(grid, connected, self.cfg.fraction_train, minimum, "train")
         self.round.outgoing = [self.message_for(node, ins, MessageType.TRAIN) for node in node_ids]
         return self.round.outgoing
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.rounds_before
         state = self._current_round(server_round)
         ins = state.instructions
         accepted: list[Contribution] = []
@@ -260,6 +283,11 @@ class SparseStrategy(Strategy):
                 continue
             contribution.metrics.update(bytes_down=state.sent[node][1], bytes_up=up)
             accepted.append(contribution)
+        accepted = accepted[: state.wanted]  # over-selected: the first replies to arrive count
+        used = {c.node_id for c in accepted} | {r["node_id"] for r in state.rejected}
+        state.abandoned = [node for node in state.sent if node not in used]
+        # in node order, not arrival order: floating-point sums then do not depend on which node was quicker
+        accepted.sort(key=lambda c: self.node_keys.get(c.node_id, node_key(c.node_id, None)))
         accepted = self._within_bounds(accepted)
         for contribution in accepted:
             self.node_versions[contribution.node_id] = state.sent[contribution.node_id][0]
@@ -271,7 +299,8 @@ class SparseStrategy(Strategy):
             ", ".join(f"{c.node_id}: {c.metrics['bytes_down']}/{c.metrics['bytes_up']}" for c in accepted),
         )
         if not accepted:
-            log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
+            if state.skipped is None:
+                log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
             return None, None
         marks = self._bae_marks(ins)
         low_start = marked_norm(self.state, marks) if marks else None
@@ -293,20 +322,21 @@ class SparseStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.rounds_before
         if self.cfg.fraction_evaluate == 0.0:
             return []
         state = self._current_round(server_round)
         ins = self.instructions(server_round)
-        messages = [
-            self.message_for(node, ins, MessageType.EVALUATE) for node in self.sample(grid, self.cfg.fraction_evaluate)
-        ]
+        # no wait: the nodes connected now evaluate, however few
+        nodes, _ = self.sample(grid, list(grid.get_node_ids()), self.cfg.fraction_evaluate, 1, "evaluate")
+        messages = [self.message_for(node, ins, MessageType.EVALUATE) for node in nodes]
         state.evaluated = {m.metadata.dst_node_id: ins.mask_version for m in messages}
         state.outgoing += messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The clients' validation metrics, averaged with their example counts as weights."""
-        state = self._current_round(server_round)
+        state = self._current_round(server_round + self.rounds_before)
         metrics: list[MetricRecord] = []
         for reply in replies:
             node = self.sender(reply)
@@ -355,6 +385,10 @@ class SparseStrategy(Strategy):
             "bytes_per_client": down + _mean(state.received),
             "round_time_s": time.time() - state.started,
         }
+        if state.skipped is not None:
+            record["skipped"] = state.skipped
+        if state.abandoned:
+            record["abandoned"] = list(state.abandoned)
         if state.sparsity is not None:
             record.update(sparsity=state.sparsity, layer_sparsity=state.layer_sparsity)
         if state.client_eval is not None:
@@ -510,24 +544,58 @@ class SparseStrategy(Strategy):
             if self.mode == "masked":
                 self.state[name] = self.state[name] * mask
 
-    def sample(self, grid: Grid, fraction: float) -> list[int]:
-        """``max(fraction × connected, min-train-nodes)`` nodes at random, once that many are connected.
+    def sample(
+        self, grid: Grid, connected: list[int], fraction: float, minimum: int, purpose: str
+    ) -> tuple[list[int], int]:
+        """(nodes to ask, replies wanted) of this round among ``connected`` (server/fleet.py), after
+        asking each node seen for the first time for its partition id, which orders it reproducibly."""
+        new = [node for node in connected if node not in self.node_keys]
+        if new:
+            answers = ask_partition_ids(grid, new, self.cfg.round_timeout)
+            # a node that did not answer is ordered by its id this round and asked again next time
+            self.node_keys.update({node: node_key(node, pid) for node, pid in answers.items()})
+        keys = {node: self.node_keys.get(node, node_key(node, None)) for node in connected}
+        over = self.cfg.over_selection if purpose == "train" else 0.0
+        assert self.round is not None  # configure_train / configure_evaluate made it
+        return sample_nodes(keys, fraction, minimum, over, self.cfg.seed, self.round.number, purpose)
 
-        Waits at most ``round-timeout`` seconds for them, then raises with what it saw.
-        """
-        minimum = self.cfg.min_train_nodes
-        deadline = time.monotonic() + self.cfg.round_timeout
-        while len(nodes := list(grid.get_node_ids())) < minimum:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} of the min-train-nodes = {minimum} nodes connected within "
-                    f"round-timeout = {self.cfg.round_timeout:.0f} s: start more SuperNodes or "
-                    "lower min-train-nodes"
-                )
-            log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes), minimum)
-            time.sleep(NODE_WAIT_POLL_S)
-        size = max(int(len(nodes) * fraction), minimum)
-        return random.sample(nodes, size)  # the ServerApp seeds `random` with the run's seed
+    def _wanted_replies(self, messages: list[Message]) -> int | None:
+        """How many of ``messages``' replies a round aggregates, when they are its over-selected training."""
+        if self.round is not None and messages and self.round.outgoing and messages[0] is self.round.outgoing[0]:
+            return self.round.wanted  # the round's own training messages come first in `outgoing`
+        return None
+
+    # ---------------------------------------------------------------- checkpoints (server/checkpoint.py)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What the strategy needs to go on after its last finished round, as plain tensors and numbers.
+
+        Not the nodes' acknowledged mask versions: a resumed run is a new Flower run, and each node
+        starts it with an empty state, so every node is sent the mask again."""
+        return {
+            "method": self.method,
+            "state": {name: t.clone() for name, t in self.state.items()},
+            "masks": {name: m.clone() for name, m in self.masks.items()},
+            "mask_version": self.mask_version,
+            "train_sizes": dict(self.train_sizes),
+            "node_keys": {node: list(key) for node, key in self.node_keys.items()},
+        }
+
+    def restore(self, saved: dict[str, Any], rounds_done: int) -> None:
+        """Take over a :meth:`checkpoint` written after round ``rounds_done``."""
+        if saved["method"] != self.method:
+            raise ValueError(f"the checkpoint is of strategy {saved['method']!r}, not {self.method!r}")
+        shapes = dict(self.layout.masked + self.layout.dense)
+        if {n: tuple(t.shape) for n, t in saved["state"].items()} != {n: tuple(s) for n, s in shapes.items()}:
+            raise ValueError("the checkpoint's weights are not this model's: was the model or data set changed?")
+        self.state = {name: t.float() for name, t in saved["state"].items()}
+        self.masks = {name: m.bool() for name, m in saved["masks"].items()}
+        self.mask_version = int(saved["mask_version"])
+        self.train_sizes = {int(node): int(size) for node, size in saved["train_sizes"].items()}
+        self.node_keys = {int(node): (int(key[0]), int(key[1])) for node, key in saved["node_keys"].items()}
+        self.node_versions = {}
+        self.rounds_before = rounds_done
+        self._arrays = None
 
     def message_for(self, node: int, ins: Instructions, message_type: str) -> Message:
         """The message for one node: its instructions, the model's values and, if stale, the mask."""

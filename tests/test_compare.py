@@ -1,4 +1,4 @@
-"""The experiment runner: finished runs are skipped, unfinished ones redone, the summary read from run files."""
+"""The experiment runner: finished runs are skipped, unfinished ones resumed or redone, the summary from run files."""
 
 import json
 import statistics
@@ -6,6 +6,7 @@ import statistics
 import pytest
 
 import bench.compare as compare
+from server.checkpoint import save_checkpoint
 from server.results import ResultsLog
 
 
@@ -31,7 +32,9 @@ def lab(tmp_path, monkeypatch):
     calls = []
 
     def fake_simulation(run_config, supernodes, results_dir, run_name, **kwargs):
-        calls.append((run_name, run_config["seed"]))
+        calls.append((run_name, run_config["seed"], run_config.get("resume", False)))
+        if run_config.get("resume"):
+            (results_dir / run_name / "results.json").unlink()  # the ServerApp rewrites it from the checkpoint
         _write_run(results_dir / run_name, [0.5, 0.6])
         return json.loads((results_dir / run_name / "results.json").read_text())
 
@@ -44,11 +47,20 @@ def test_finished_runs_are_skipped_and_unfinished_ones_redone_with_the_old_folde
     _write_run(root / "toy" / "a-s0", [0.1, 0.2])  # finished
     _write_run(root / "toy" / "a-s1", [0.1], finish=False)  # crashed mid-run
     compare.run_matrix("toy", ["a"], [0, 1])
-    assert calls == [("a-s1", 1)]
+    assert calls == [("a-s1", 1, False)]
     assert (root / "toy" / "a-s1.partial" / "results.json").exists()
     assert compare.finished(root / "toy" / "a-s1")
     compare.run_matrix("toy", ["a"], [0, 1])  # nothing left to do
-    assert calls == [("a-s1", 1)]
+    assert calls == [("a-s1", 1, False)]
+
+
+def test_an_unfinished_run_with_a_checkpoint_is_resumed_in_its_own_folder(lab):
+    root, calls = lab
+    _write_run(root / "toy" / "a-s0", [0.1], finish=False)
+    save_checkpoint(root / "toy" / "a-s0", {"round": 1})
+    compare.run_matrix("toy", ["a"], [0])
+    assert calls == [("a-s0", 0, True)]
+    assert not (root / "toy" / "a-s0.partial").exists() and compare.finished(root / "toy" / "a-s0")
 
 
 def test_the_summary_comes_from_the_run_files(lab):

@@ -10,7 +10,10 @@ The operator follows the documented workflow: make the PKI, register three devic
 signed with the app-signing key, run it. Three SuperNodes with `--trusted-entities` take part. A
 stranger on the device network holding only ca.crt and its own keys tries everything the Control API
 would let it do, and to join as a SuperNode; the legitimate run must finish untouched. Apps that are
-unsigned, or signed by the stranger's key, must be refused by every SuperNode.
+unsigned, or signed by the stranger's key, must be refused by every SuperNode. Then the server crashes
+(SIGKILL of the SuperLink and everything it started) in the middle of a run; restarted on its database,
+it takes the devices back, and the run resumed from its checkpoint ends with the model of the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 
 from deploy import app_registry
 from deploy.prepare_partitions import prepare, run_config
@@ -212,17 +217,17 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
             netns=net.netns,
         )
 
-    def run_command(app: str, name: str, rounds: int) -> list:
+    def run_command(app: str, name: str, rounds: int, more: str = "") -> list:
         """The operator's `flwr run` of ``app``, small enough for a test, results under ``name``."""
         overrides = (
             f"num-server-rounds={rounds} max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
-            f"results-dir='{results}' run-name='{name}'"
+            f"results-dir='{results}' run-name='{name}' {more}"
         )
         return [BIN / "flwr", "run", app, "op", "--stream", "--run-config", overrides]
 
-    def operator_run(app: str, name: str, rounds: int) -> tuple[subprocess.CompletedProcess, dict]:
+    def operator_run(app: str, name: str, rounds: int, more: str = "") -> tuple[subprocess.CompletedProcess, dict]:
         try:
-            done = _run(run_command(app, name, rounds), env("operator"), 240)
+            done = _run(run_command(app, name, rounds, more), env("operator"), 240)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"flwr run {app} did not finish in 240 s:\n{exc.stdout}\n{procs.tails()}")
         results_file = results / name / "results.json"
@@ -285,14 +290,46 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
     for r in data["rounds"]:
         assert len(r["clients"]) == 3 and not r["rejected"], r
         assert {c["node_id"] for c in r["clients"]} == node_ids
-        # partition files, not simulation partitions (client.data marks them -1)
-        assert all(c["partition_id"] == -1 and c["examples"] > 0 for c in r["clients"])
+        # the partition files' own ids (their metadata), in node order: aggregation does not follow arrival
+        assert [c["partition_id"] for c in r["clients"]] == [0, 1, 2] and all(c["examples"] > 0 for c in r["clients"])
+
+    # --- the server crashes after round 1 of the same run; restarted on its database, the run resumes
+    crash = subprocess.Popen(
+        [str(c) for c in run_command(f"@fedmef/fedmef=={version}", "crash", 2)],
+        env=env("operator"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = results / "crash" / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert crash.poll() is None and time.monotonic() < deadline, "the run ended before the crash:\n" + procs.tails()
+        time.sleep(0.1)
+    superlink = psutil.Process(procs.procs["superlink"].pid)
+    tree = [superlink, *superlink.children(recursive=True)]  # SuperExec and the run's ServerApp with it
+    for proc in tree:
+        proc.kill()
+    psutil.wait_procs(tree, timeout=10)
+    try:
+        crash.wait(timeout=60)  # its stream lost the SuperLink
+    except subprocess.TimeoutExpired:
+        crash.kill()
+        crash.wait()
+    assert not (results / "crash" / "model.pt").exists()
+    procs.start("superlink-restarted", [SERVER / "start-superlink.sh"], env("superlink", **server_env))
+    procs.wait_for_port("superlink-restarted", "127.0.0.1", link_port)
+    _, resumed = operator_run(f"@fedmef/fedmef=={version}", "crash", 2, "resume=true")
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2] and resumed["run"]["resumed"][0]["after_round"] == 1
+    assert resumed["rounds"][-1]["accuracy"] == data["rounds"][-1]["accuracy"]
+    uninterrupted, again = (torch.load(results / n / "model.pt", weights_only=True) for n in ("signed", "crash"))
+    assert all(torch.equal(again["state"][k], v) for k, v in uninterrupted["state"].items())
 
     # after all of it: the same three devices, only the operator's three runs, the state on disk
     listed = _run([BIN / "flwr", "supernode", "list", "op", "--format", "json"], env("operator"))
     assert {int(n["node-id"]) for n in json.loads(listed.stdout)["nodes"]} == node_ids, listed.stdout
     runs = json.loads(_run([BIN / "flwr", "ls", "op", "--format", "json"], env("operator")).stdout)["runs"]
-    assert len(runs) == 3, runs
+    assert len(runs) == 5, runs  # unsigned, forged, signed, crash and its resumption
     assert (state / "superlink.db").stat().st_size > 0
     # the proxy let Fleet API calls through and nothing else (nginx' combined log format)
     requests = []

@@ -1,9 +1,20 @@
 """End to end: `flwr run` in Flower's simulation engine, 4 SuperNodes, a few rounds of FedMef."""
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
 import pytest
+import torch
 
 from common.protocol.config import ConfigError
-from server.simulation import SimulationError, run_simulation
+from server.checkpoint import load_checkpoint
+from server.simulation import ROOT, SimulationError, run_simulation, stop_flower_processes, toml_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +71,71 @@ def test_a_data_error_in_the_server_app_fails_the_run_with_its_cause(tmp_path):
             log_path=tmp_path / "flwr.log",
             timeout=300,
         )
+
+
+def _kill_flower(homes: Path) -> None:
+    """SIGKILL every process of the Flower homes under ``homes``, as a crash would, and wait for them."""
+    victims = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("FLWR_HOME", "").startswith(str(homes)):
+                victims += [proc, *proc.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    for home in homes.glob("*"):
+        stop_flower_processes(home)  # whatever Ray started anew while dying
+
+
+def test_a_simulation_killed_after_a_round_resumes_to_the_uninterrupted_runs_model_bit_for_bit(tmp_path):
+    config = {
+        "num-server-rounds": 5,
+        "max-local-steps": 5,
+        "delta-r": 1,
+        "r-stop": 4,
+        "fraction-train": 0.5,
+        "max-test-examples": 200,
+        "augment": True,
+    }
+    run_simulation(config, num_supernodes=4, results_dir=tmp_path / "whole", run_name="r", timeout=600)
+
+    homes = tmp_path / "homes"  # the driver makes its FLWR_HOME under TMPDIR: its processes are findable
+    homes.mkdir()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "server.simulation", "--supernodes", "4", "--results-dir", str(tmp_path / "killed")]
+        + ["--name", "r", "--set", toml_overrides(config)],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(homes)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    run = tmp_path / "killed" / "r"
+    deadline = time.monotonic() + 600
+    try:
+        while not ((run / "checkpoint.pt").exists() and load_checkpoint(run)["round"] >= 2):
+            assert driver.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _kill_flower(homes)
+    done = load_checkpoint(run)["round"]
+    assert 2 <= done < 5 and not (run / "model.pt").exists()
+
+    resumed = run_simulation(
+        {**config, "resume": True}, num_supernodes=4, results_dir=tmp_path / "killed", run_name="r", timeout=600
+    )
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4, 5]
+    assert resumed["run"]["resumed"][0]["after_round"] == done
+    assert not (run / "checkpoint.pt").exists()
+    whole, again = (
+        torch.load(d / "r" / "model.pt", weights_only=True) for d in (tmp_path / "whole", tmp_path / "killed")
+    )
+    for name, value in whole["state"].items():
+        assert torch.equal(again["state"][name], value), name
+    for name, mask in whole["masks"].items():
+        assert torch.equal(again["masks"][name], mask), name

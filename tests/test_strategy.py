@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
 from loopback import LoopbackGrid
 
 from common.data.datasets import Split, load_dataset
@@ -142,7 +142,8 @@ def test_bae_marks_active_weights_and_squeezes_them(fmnist):
 def test_masks_travel_only_to_nodes_without_the_current_version(fmnist):
     strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
     play(strategy, grid, 2)
-    first, second = grid.sent[:NODES], grid.sent[NODES : 2 * NODES]
+    training = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    first, second = training[:NODES], training[NODES : 2 * NODES]
     assert all("masks" in m.content for m in first)
     assert not any("masks" in m.content for m in second)
     assert all(m.content["train"]["mask-version"] == 0 for m in second)

@@ -52,6 +52,8 @@ class RunConfig:
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
     round_timeout: float = 3600.0
+    node_wait_timeout: float = 600.0
+    over_selection: float = 0.0
     local_epochs: int = 1
     max_local_steps: int = 40
     batch_size: int = 32
@@ -83,6 +85,7 @@ class RunConfig:
     max_test_examples: int = 2000
     results_dir: str = "runs"
     run_name: str = ""
+    resume: bool = False
 
     # -- what the switches resolve to -------------------------------------------------------------
     @property
@@ -191,9 +194,14 @@ def _range_errors(c: RunConfig) -> list[str]:
     for key in ("max-local-steps", "max-test-examples", "r-stop"):
         value = getattr(c, key.replace("-", "_"))
         need(value >= 0, f"{key} = {value}: must be >= 0 (0 means no limit / no adjustment)")
-    for key in ("lr", "dirichlet-alpha", "gamma", "round-timeout"):
+    for key in ("lr", "dirichlet-alpha", "gamma", "round-timeout", "node-wait-timeout"):
         value = getattr(c, key.replace("-", "_"))
         need(value > 0, f"{key} = {value}: must be > 0")
+    need(
+        0.0 <= c.over_selection <= 1.0,
+        f"over-selection = {c.over_selection}: must be in [0, 1] (0.3 asks 30 % more nodes than it waits for)",
+    )
+    need(not c.resume or bool(c.run_name), "resume = true needs the run-name of the run to resume")
     need(0.0 < c.lr_decay <= 1.0, f"lr-decay = {c.lr_decay}: must be in (0, 1]")
     for key in ("momentum", "weight-decay", "bae-lambda", "adjust-alpha", "feddip-lambda-max"):
         value = getattr(c, key.replace("-", "_"))

@@ -47,7 +47,7 @@ class Instructions:
     max_local_steps: int
     batch_size: int
     augment: bool
-    seed: int
+    seed: int  # the round's seed; each client mixes in its own key (:meth:`client_seed`)
     counts: list[int]
     bae: bool
     bae_lambda: float
@@ -56,6 +56,12 @@ class Instructions:
     topk_pass: str
     adjust_local: bool
     reg_lambda: float
+
+    def client_seed(self, key: int) -> int:
+        """The seed of one client's random streams this round (batch order, augmentation, SAP's
+        threshold samples): a function of (run seed, round, ``key``), where ``key`` is the client's
+        partition id, so it does not depend on which process or node id serves the client."""
+        return (self.seed * 1_000_003 + key) % 2**63
 
     @property
     def act_sparsity(self) -> float | None:
