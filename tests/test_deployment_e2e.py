@@ -285,8 +285,9 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
     for r in data["rounds"]:
         assert len(r["clients"]) == 3 and not r["rejected"], r
         assert {c["node_id"] for c in r["clients"]} == node_ids
-        # partition files, not simulation partitions (client.data marks them -1)
-        assert all(c["partition_id"] == -1 and c["examples"] > 0 for c in r["clients"])
+        # each device reports the partition its file's metadata names: pi-i.npz holds partition i-1
+        assert sorted(c["partition_id"] for c in r["clients"]) == [0, 1, 2], r
+        assert all(c["examples"] > 0 for c in r["clients"])
 
     # after all of it: the same three devices, only the operator's three runs, the state on disk
     listed = _run([BIN / "flwr", "supernode", "list", "op", "--format", "json"], env("operator"))
