@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import nn
 
-from client.data import ClientData, load_client_data
+from client.data import ClientData, load_client_data, node_config_number
 from client.device import device_report, plan_batch_size
 from client.trainer import build_local_model, local_train
 from common.nn.training import evaluate
@@ -120,7 +120,7 @@ def _fit_memory_budget(model: nn.Module, data: ClientData, ins: Instructions, co
     """With a ``memory-budget-mb`` in the node config, shrink the batch until a step fits, or refuse."""
     if "memory-budget-mb" not in context.node_config:
         return ins
-    budget = float(context.node_config["memory-budget-mb"])
+    budget = node_config_number(context.node_config, "memory-budget-mb", "a number of MB above 0", lambda mb: mb > 0)
     plan = plan_batch_size(model, data.train.images[:1], ins.batch_size, budget)  # MemoryBudgetError: refuse
     if not plan.adapted:
         return ins

@@ -6,8 +6,11 @@
 The data set, partitioner, Dirichlet alpha, validation share and seed come from the run config exactly
 as the simulation reads it (``[tool.flwr.app.config]`` in pyproject.toml, then ``--preset``, then
 ``--set``), so device N holds what simulated SuperNode N-1 of N holds. Each file is an ``.npz`` with
-x_train, y_train, x_val, y_val (float32 N x C x H x W standardised images, int64 labels) and
-num_classes: what :mod:`client.data` reads when a SuperNode's node config names it as ``data-path``.
+x_train, y_train, x_val, y_val (float32 N x C x H x W standardised images, int64 labels) and ``meta``
+(data set, classes, image shape, partition N-1 of how many, partitioner, alpha, seed, validation share,
+example cap, format version): what :mod:`client.data` reads, and checks against the run, when a
+SuperNode's node config names it as ``data-path``. A file made before the metadata existed is refused
+there: rerun this to remake it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from common.data.datasets import DataError
-from common.data.partition_files import partition_splits, prepare, write_partition
+from common.data.partition_files import PartitionMeta, partition_splits, prepare, write_partition
 from common.protocol.config import ConfigError, RunConfig, parse_run_config
 
-__all__ = ["main", "partition_splits", "prepare", "run_config", "write_partition"]
+__all__ = ["PartitionMeta", "main", "partition_splits", "prepare", "run_config", "write_partition"]
 
 
 def run_config(preset: Path | None = None, overrides: str = "") -> RunConfig:

@@ -207,6 +207,16 @@ def test_cifar10_npz_missing_key_raises(tmp_path):
         load_cifar10(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_cifar10_npz_that_is_damaged_or_no_npz_says_so_without_inviting_unsafe_loading(tmp_path, damage):
+    npz = tmp_path / "cifar10.npz"
+    np.savez(npz, **_cifar_arrays())
+    npz.write_bytes(npz.read_bytes()[:1000] if damage == "truncated" else b"x_train,y_train\n")
+    with pytest.raises(DataError, match="cifar10.npz.*damaged") as caught:
+        load_cifar10(tmp_path)
+    assert "allow_pickle" not in str(caught.value)
+
+
 def test_cifar10_damaged_pickle_raises(tmp_path):
     for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (tmp_path / n).write_bytes(b"not a pickle")

@@ -595,7 +595,7 @@ def test_partition_files_hold_the_simulation_partitions(tmp_path, tiny_dataset, 
         )
         assert torch.equal(node.train.images, sim_train.images) and torch.equal(node.train.labels, sim_train.labels)
         assert torch.equal(node.val.images, sim_val.images) and torch.equal(node.val.labels, sim_val.labels)
-        assert node.num_classes == 4 and node.in_channels == 1
+        assert node.num_classes == 4 and node.in_channels == 1 and node.partition_id == i  # pi-1 holds partition 0
         with np.load(path) as f:
             assert f["x_train"].dtype == np.float32 and f["y_train"].dtype == np.int64
         total += len(node.train) + len(node.val)

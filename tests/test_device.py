@@ -3,8 +3,13 @@
 import psutil
 import pytest
 import torch
+from flwr.app import Context, RecordDict
+from test_protocol import BASE
 
+from client.client_app import _fit_memory_budget
+from client.data import ClientData
 from client.device import MemoryBudgetError, device_report, plan_batch_size, training_bytes
+from common.data.datasets import DataError, Split
 from common.nn.models import build_model
 
 
@@ -37,3 +42,19 @@ def test_batch_size_is_halved_until_the_step_fits_and_refused_when_nothing_fits(
     assert plan_batch_size(model, example, 8, 10**6).baseline_mb == pytest.approx(
         psutil.Process().memory_info().rss / 2**20, rel=0.2
     )
+
+
+@pytest.mark.parametrize("budget", ["abc", "-5", -5, 0, "nan", "inf", ""])
+def test_a_memory_budget_that_is_no_positive_number_of_mb_says_how_to_fix_the_node_config(budget):
+    model = build_model("lenet5", norm="nsconv", num_classes=10, in_channels=1)
+    split = Split(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.int64))
+    data = ClientData(split, split, 10, 1, 0, "fashion-mnist")
+
+    def fit(budget):
+        context = Context(1, 1, {"memory-budget-mb": budget}, RecordDict(), {})
+        return _fit_memory_budget(model, data, BASE, context)
+
+    assert fit("1e6") == BASE  # a quoted number is a number: plenty, nothing to change
+    says = f"memory-budget-mb must be a number of MB above 0, got {budget!r}: fix the SuperNode's --node-config"
+    with pytest.raises(DataError, match=says):
+        fit(budget)

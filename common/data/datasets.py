@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
+from zipfile import BadZipFile
 
 import numpy as np
 import torch
@@ -176,6 +177,23 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def read_npz(path: Path, help_text: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, unpickling nothing; DataError (ending in ``help_text``) for
+    a file that is not such an archive, is truncated or damaged."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} holds a single .npy array, not an .npz archive; {help_text}")
+        with loaded as arrays:
+            # Members are read on access, so a damaged one (the zip's CRC check) raises here.
+            return {key: arrays[key] for key in arrays.files}
+    except (BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError) as exc:
+        # numpy answers a file it cannot parse by suggesting allow_pickle, i.e. running code the file
+        # holds: never pass that on.
+        reason = "not an .npz archive of plain arrays" if "pickle" in str(exc) else str(exc)
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {reason}); {help_text}") from exc
+
+
 def _checked_split(name: str, images: np.ndarray, labels: np.ndarray, source: Path, help_text: str) -> Split:
     if len(images) != len(labels):
         raise DataError(
@@ -239,11 +257,10 @@ def load_cifar10(data_dir: str | Path | None = None) -> Dataset:
     folder = Path(data_dir) if data_dir else CACHE_DIR / "cifar10"
     npz = folder / "cifar10.npz" if folder.is_dir() else folder
     if npz.suffix == ".npz" and npz.is_file():
-        try:
-            with np.load(npz) as arrays:
-                parts = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"cannot read {npz}: {exc}; {CIFAR10_HELP}") from exc
+        parts = read_npz(npz, f"the file is damaged or not CIFAR-10's, {CIFAR10_HELP}")
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in parts]
+        if missing:
+            raise DataError(f"{npz} lacks {', '.join(missing)}; {CIFAR10_HELP}")
         return Dataset(
             "cifar10",
             _checked_split("cifar10", _cifar_images(parts["x_train"], npz), parts["y_train"], npz, CIFAR10_HELP),
