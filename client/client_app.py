@@ -102,7 +102,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def identity(msg: Message, context: Context) -> Message:
     """The node's partition id (-1: none), which orders it in the server's sampling and aggregation."""
-    partition = load_client_data(parse_run_config(context.run_config), context.node_config).partition_id
+    if "data-path" in context.node_config:  # the id is in the file's metadata
+        partition = load_client_data(parse_run_config(context.run_config), context.node_config).partition_id
+    else:  # simulation: no need to cut the data set into partitions just to answer
+        partition = int(node_config_number(context.node_config, "partition-id", "a whole number", float.is_integer))
     return Message(content=RecordDict({"identity": MetricRecord({"partition-id": partition})}), reply_to=msg)
 
 

@@ -109,6 +109,10 @@ class ResultsLog:
     def path(self) -> Path:
         return self._path
 
+    def plain(self) -> dict:
+        """The results as the file holds them: JSON types only (what a checkpoint can store safely)."""
+        return json.loads(json.dumps(_json_safe(self._data), allow_nan=False, default=str))
+
     @property
     def elapsed_s(self) -> float:
         """Seconds the run has taken so far, over all its starts."""

@@ -153,7 +153,7 @@ def main(grid: Grid, context: Context) -> None:
             "round": done,
             "config": cfg.as_dict(),
             "strategy": strategy.checkpoint(),
-            "results": results.data,
+            "results": results.plain(),
             "elapsed_s": results.elapsed_s,
         }
         save_checkpoint(out, checkpoint)

@@ -2,9 +2,11 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,27 +104,33 @@ def test_a_simulation_killed_after_a_round_resumes_to_the_uninterrupted_runs_mod
     }
     run_simulation(config, num_supernodes=4, results_dir=tmp_path / "whole", run_name="r", timeout=600)
 
-    homes = tmp_path / "homes"  # the driver makes its FLWR_HOME under TMPDIR: its processes are findable
-    homes.mkdir()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "server.simulation", "--supernodes", "4", "--results-dir", str(tmp_path / "killed")]
-        + ["--name", "r", "--set", toml_overrides(config)],
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(homes)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # the driver makes its FLWR_HOME under TMPDIR, so its processes are findable; a short path, as Ray
+    # puts its sockets there and a Unix socket's path has at most 107 bytes
+    homes = Path(tempfile.mkdtemp(prefix="fedmef-kill-", dir="/tmp"))
+    output = tmp_path / "driver.out"
+    with open(output, "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "server.simulation", "--supernodes", "4", "--results-dir", str(tmp_path / "killed")]
+            + ["--name", "r", "--set", toml_overrides(config)],
+            cwd=ROOT,
+            env={**os.environ, "TMPDIR": str(homes)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     run = tmp_path / "killed" / "r"
     deadline = time.monotonic() + 600
     try:
         while not ((run / "checkpoint.pt").exists() and load_checkpoint(run)["round"] >= 2):
-            assert driver.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            assert driver.poll() is None, "the run ended before it could be killed:\n" + output.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of round 2 within 600 s"
             time.sleep(0.2)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
         _kill_flower(homes)
+        shutil.rmtree(homes, ignore_errors=True)
     done = load_checkpoint(run)["round"]
     assert 2 <= done < 5 and not (run / "model.pt").exists()
 

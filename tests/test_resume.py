@@ -181,9 +181,11 @@ def test_a_resumed_run_may_change_where_it_waits_and_reads_but_not_what_it_compu
 
 
 def test_a_resumed_results_log_goes_on_from_the_checkpoints_rounds(tmp_path):
-    log = ResultsLog(tmp_path / "results.json", {"strategy": "fedmef"})
-    log.add_round({"round": 1, "accuracy": 0.5})
-    saved = log.data
+    log = ResultsLog(tmp_path / "results.json", {"strategy": "fedmef", "torch": torch.__version__})
+    log.add_round({"round": 1, "accuracy": 0.5, "loss": float("nan")})
+    # what the checkpoint holds: JSON types only, so a weights-only load reads it (torch's version is no str)
+    save_checkpoint(tmp_path, {"round": 1, "results": log.plain()})
+    saved = load_checkpoint(tmp_path)["results"]
     log.add_round({"round": 2, "accuracy": 0.6})  # in the file, not in the checkpoint: killed in between
     resumed = ResultsLog.resumed(tmp_path / "results.json", saved, elapsed_s=30.0)
     resumed.add_round({"round": 2, "accuracy": 0.61})
