@@ -3,10 +3,22 @@ PY := .venv/bin/python
 
 .PHONY: run test lint data compiler kernels bench clean
 
+# torch: `cpu` (default) is the CPU build, from PyTorch's CPU index where it answers, else from pip's own
+# sources (a local wheel on the project's build machine); without either it fails rather than take
+# PyPI's Linux torch, which is the multi-GB CUDA build. `make TORCH=cuda` takes that CUDA build on purpose.
+TORCH ?= cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 .venv/.installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv .venv
-	# torch first and pinned: the CPU wheel; the constraints file keeps every later step from replacing it
-	$(PY) -m pip install -q -c .ci/constraints.txt torch==2.13.0
+	# torch first and pinned; the constraints file keeps every later step from replacing it
+	case "$(TORCH)" in \
+	  cpu) if $(PY) -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; \
+	       then $(PY) -m pip install -q -c .ci/constraints.txt --extra-index-url $(TORCH_CPU_INDEX) "torch==2.13.0+cpu"; \
+	       else $(PY) -m pip install -q -c .ci/constraints.txt "torch==2.13.0+cpu"; fi ;; \
+	  cuda) $(PY) -m pip install -q -c .ci/constraints.txt torch==2.13.0 ;; \
+	  *) echo "TORCH must be cpu or cuda, not '$(TORCH)'" >&2; exit 2 ;; \
+	esac
 	$(PY) -m pip install -q -c .ci/constraints.txt -e ".[test,lint]"
 	touch .venv/.installed
 
