@@ -9,6 +9,8 @@ interrupted run keeps its finished rounds), ``checkpoint.pt`` (after every round
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from common.data.datasets import DataError, Split, load_dataset
+from common.measure import runtime
 from common.nn.models import Norm, build_model
 from common.nn.training import evaluate
 from common.protocol.config import ConfigError, RunConfig, parse_run_config
@@ -91,6 +94,25 @@ def round_evaluation(
     return evaluate_round
 
 
+def provenance(grid: Grid) -> dict:
+    """What produced a run, for its results file: the app bundle Flower ran (its hash names the code
+    exactly; in simulation and on the devices there is no git checkout), the commit when the launcher
+    knows it (``FEDMEF_COMMIT``, set by :mod:`server.simulation`), versions, the server's device and
+    allocator, and how many nodes were connected at the start. Each client adds its own in ``device``."""
+    run = grid.run
+    return {
+        "host": platform.node(),
+        "app": {"fab_id": run.fab_id, "fab_version": run.fab_version, "fab_hash": run.fab_hash},
+        "commit": os.environ.get("FEDMEF_COMMIT"),
+        "flwr": importlib.metadata.version("flwr"),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "device": "cpu",
+        "allocator": runtime.allocator(),
+        "nodes_at_start": len(list(grid.get_node_ids())),
+    }
+
+
 def run_dir(cfg: RunConfig) -> Path:
     name = cfg.run_name or f"{cfg.strategy}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.results_dir).expanduser().resolve() / name
@@ -132,9 +154,8 @@ def main(grid: Grid, context: Context) -> None:
                 "sap": cfg.sap_on,
                 "bae": cfg.bae_on,
                 "started": datetime.now(UTC).isoformat(),
-                "host": platform.node(),
-                "torch": torch.__version__,
                 "test_examples": len(test),
+                **provenance(grid),
             },
         )
     else:
@@ -160,7 +181,8 @@ def main(grid: Grid, context: Context) -> None:
         eta = (time.time() - started) / (done - first) * (cfg.num_server_rounds - done)
         log(
             INFO,
-            "[%s] round %d/%d: test acc %.4f, %.1f KiB/client (%.3fx dense), %d clients, %d rejected, ETA %.0f s",
+            "[%s] round %d/%d: test acc %.4f, %.1f KiB/client (%.3fx dense), %d clients, %d rejected, "
+            "%.0f s elapsed, ETA %.0f s",
             cfg.strategy,
             done,
             cfg.num_server_rounds,
@@ -169,6 +191,7 @@ def main(grid: Grid, context: Context) -> None:
             record["bytes_per_client"] / record["dense_bytes_per_client"],
             len(record["clients"]),
             len(record["rejected"]),
+            results.elapsed_s,
             eta,
         )
 

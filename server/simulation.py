@@ -23,9 +23,9 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -61,7 +61,21 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
     )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if commit := source_commit():
+        env["FEDMEF_COMMIT"] = commit  # for results.json: Flower runs a bundle that has no git history
     return env
+
+
+def source_commit() -> str | None:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")
 
 
 def toml_overrides(values: Mapping[str, Any]) -> str:
@@ -95,12 +109,46 @@ def stop_flower_processes(flwr_home: Path) -> int:
     return len(mine)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The ServerApp's lines worth a terminal while a run goes on: each round's summary, a resumption, a
+# skipped round and a rejected reply (server/server_app.py, server/strategy.py).
+_PROGRESS = re.compile(
+    r"^(INFO|WARNING)\s*:\s*(\[[\w-]+\] round \d+/\d+:|\[[\w-]+\] resuming|round \d+ skipped|round \d+: reply)"
+)
+
+
+def _follow(
+    proc: subprocess.Popen, log_path: Path | None, progress: Callable[[str], None] | None, timeout: float
+) -> int:
+    """Wait for ``proc`` at most ``timeout`` seconds, handing each progress line that appears in
+    ``log_path`` to ``progress`` as it comes; returns the exit code."""
+    deadline, position = time.monotonic() + timeout, 0
+    while True:
+        finished = proc.poll() is not None
+        if progress is not None and log_path is not None and log_path.exists():
+            with open(log_path, "rb") as f:
+                f.seek(position)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for its end
+            position += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                if _PROGRESS.match(plain := _ANSI.sub("", line)):
+                    progress(plain.split(":", 1)[1].strip())
+        if finished:
+            return cast(int, proc.returncode)
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise SimulationError(f"flwr run did not finish in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def failure_cause(log_path: Path | None) -> str:
     """The ServerApp's own error lines from Flower's log (ANSI colours stripped), so the cause of a
     failed run reaches the terminal, not only the log file; empty when there are none."""
     if log_path is None or not log_path.exists():
         return ""
-    plain = (re.sub(r"\x1b\[[0-9;]*m", "", line) for line in log_path.read_text(errors="replace").splitlines())
+    plain = (_ANSI.sub("", line) for line in log_path.read_text(errors="replace").splitlines())
     errors = [line.split(":", 1)[1].strip() for line in plain if line.startswith("ERROR") and ":" in line]
     return "".join(f"\n  {line}" for line in dict.fromkeys(errors))
 
@@ -114,8 +162,10 @@ def run_simulation(
     timeout: float = 3600,
     log_path: Path | None = None,
     cpus_per_client: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """``flwr run . --stream`` with the given overrides; returns the results the ServerApp wrote."""
+    """``flwr run . --stream`` with the given overrides; returns the results the ServerApp wrote.
+    With a ``log_path``, ``progress`` gets each round's line of the ServerApp as it comes."""
     results_dir = results_dir.resolve()
     flwr_home = Path(tempfile.mkdtemp(prefix="fedmef-flwr-home-"))
     # flwr run takes either a TOML file or k=v pairs, not both: merge the preset in here
@@ -141,20 +191,17 @@ def run_simulation(
     log_file = open(log_path, "w") if log_path else None
     log = log_file if log_file is not None else subprocess.DEVNULL
     try:
-        proc = subprocess.run(
-            cmd, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise SimulationError(f"flwr run did not finish in {timeout:.0f} s") from exc
+        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        returncode = _follow(proc, log_path, progress, timeout)
     finally:
         stop_flower_processes(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
         if log_file is not None:
             log_file.close()
-    if proc.returncode != 0 or not results.exists():
+    if returncode != 0 or not results.exists():
         where = f"; see {log_path}" if log_path else ""
         raise SimulationError(
-            f"flwr run failed (exit {proc.returncode}, results file "
+            f"flwr run failed (exit {returncode}, results file "
             f"{'present' if results.exists() else 'missing'}){where}{failure_cause(log_path)}"
         )
     data = json.loads(results.read_text())
@@ -185,7 +232,15 @@ def main() -> None:
     print(f"flwr run: {a.supernodes} simulated SuperNodes; Flower's log goes to {log_path}", flush=True)
     start = time.time()
     try:
-        data = run_simulation(overrides, a.supernodes, a.results_dir, name, a.preset, log_path=log_path)
+        data = run_simulation(
+            overrides,
+            a.supernodes,
+            a.results_dir,
+            name,
+            a.preset,
+            log_path=log_path,
+            progress=lambda line: print(line, flush=True),
+        )
     except (ConfigError, SimulationError) as exc:
         sys.exit(f"simulation: {exc}")
     from server.results import markdown_table

@@ -16,12 +16,20 @@ import torch
 
 from common.protocol.config import ConfigError
 from server.checkpoint import load_checkpoint
-from server.simulation import ROOT, SimulationError, run_simulation, stop_flower_processes, toml_overrides
+from server.simulation import (
+    ROOT,
+    SimulationError,
+    run_simulation,
+    source_commit,
+    stop_flower_processes,
+    toml_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def test_flwr_run_fedmef_in_simulation(tmp_path):
+    progress: list[str] = []
     data = run_simulation(
         {"num-server-rounds": 4, "max-local-steps": 25, "delta-r": 2, "r-stop": 3, "max-test-examples": 1000},
         num_supernodes=4,
@@ -29,7 +37,14 @@ def test_flwr_run_fedmef_in_simulation(tmp_path):
         run_name="e2e",
         log_path=tmp_path / "flwr.log",
         timeout=600,
+        progress=progress.append,
     )
+    # one line per round as it finishes, what `make run` prints
+    assert [line.split(":")[0] for line in progress] == [f"[fedmef] round {r}/4" for r in (1, 2, 3, 4)], progress
+    assert all("test acc" in line and "ETA" in line for line in progress)
+    run = data["run"]
+    assert run["nodes_at_start"] == 4 and run["app"]["fab_hash"] and run["flwr"] and run["allocator"] == "thp"
+    assert run["commit"] == source_commit() and run["commit"] is not None  # the tests run in a git checkout
     rounds = data["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert rounds[1]["adjusted"] and not rounds[0]["adjusted"]
