@@ -6,14 +6,21 @@ Three panels: (a) test accuracy per round, (b) bytes exchanged per client per ro
 the seeds with their min-max range shaded, and the bars get min-max error bars.
 
 Drawn with the object-oriented API on the Agg canvas, never pyplot: no GUI backend and no global figure
-state, so it works headless, in Ray workers and from several threads.
+state, so it works headless, in Ray workers and from several threads. Existing runs together::
+
+    python -m server.plots runs/fedmef-s0 runs/fedmef-s1 runs/fedtiny-s0 -o both.png
+
+Run folders named ``<label>-s<seed>`` share one line with its seed band.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from server.results import summarize
+from server.results import read_results, summarize
 
 # Okabe-Ito, told apart with colour-vision deficiencies (without the yellow that barely shows on white).
 # Colour, line style and marker all change from one run to the next, so lines that lie on top of each
@@ -234,3 +241,31 @@ def plot_runs(runs: Mapping[str, Results | Sequence[Results]], path: Path, title
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def group_runs(folders: Sequence[Path]) -> dict[str, list[Results]]:
+    """The results of each run folder (or results file), grouped by name without its ``-s<seed>``."""
+    groups: dict[str, list[Results]] = {}
+    for folder in folders:
+        path = Path(folder)
+        path = path / "results.json" if path.is_dir() else path
+        label = re.sub(r"-s\d+$", "", path.parent.name)
+        groups.setdefault(label, []).append(read_results(path))
+    return groups
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Plot existing runs together (one line per name, seeds as a band).")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (or their results.json)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--title", default="")
+    a = p.parse_args(argv)
+    try:
+        groups = group_runs(a.runs)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"plots: {exc}")
+    print(plot_runs(groups, a.out, a.title))
+
+
+if __name__ == "__main__":
+    main()

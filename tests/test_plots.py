@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from server.plots import _series, _zoom_accuracy, plot_runs
+from server.plots import _series, _zoom_accuracy, group_runs, main, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -113,3 +114,20 @@ def test_accuracy_axis_is_zoomed_past_the_first_rounds():
     before = ax.get_ylim()
     _zoom_accuracy(ax, np.array([30.0, 60.0, 70.0, 75.0]), np.array([30.0, 60.0, 70.0, 75.0]), " %")
     assert ax.get_ylim() == before and not ax.texts
+
+
+def test_the_plot_command_draws_existing_runs_with_their_seeds_on_one_line(tmp_path):
+    for name, accuracies in {"fedmef-s0": [0.3, 0.5], "fedmef-s1": [0.35, 0.55], "fedtiny-s0": [0.2, 0.4]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_run(accuracies)))
+    folders = sorted(tmp_path.iterdir())
+    groups = group_runs(folders)
+    assert {label: len(seeds) for label, seeds in groups.items()} == {"fedmef": 2, "fedtiny": 1}
+    main([*map(str, folders), "-o", str(tmp_path / "both.png")])
+    _assert_png(tmp_path / "both.png")
+
+
+def test_the_plot_command_names_a_folder_without_results(tmp_path):
+    with pytest.raises(SystemExit, match="plots: .*empty.*results.json"):
+        (tmp_path / "empty").mkdir()
+        main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.png")])
