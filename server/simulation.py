@@ -31,6 +31,7 @@ import psutil
 
 from common.measure import runtime
 from common.protocol.config import ConfigError, parse_run_config
+from server.server_app import RUN_FAILED
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,23 +118,33 @@ _PROGRESS = re.compile(
 )
 
 
+# The ServerApp's line when the run cannot go on, and Flower's once the ServerApp has raised: the run
+# is over, though Flower takes another 15-30 s to wind the simulation down and then exits 0.
+_FAILED = (RUN_FAILED, "Simulation raised an exception")
+
+
 def _follow(
     proc: subprocess.Popen, log_path: Path | None, progress: Callable[[str], None] | None, timeout: float
 ) -> int:
     """Wait for ``proc`` at most ``timeout`` seconds, handing each progress line that appears in
-    ``log_path`` to ``progress`` as it comes; returns the exit code."""
+    ``log_path`` to ``progress`` as it comes; returns the exit code, or 1 as soon as the log says
+    the ServerApp failed (the caller stops Flower's processes)."""
     deadline, position = time.monotonic() + timeout, 0
     while True:
         finished = proc.poll() is not None
-        if progress is not None and log_path is not None and log_path.exists():
+        if log_path is not None and log_path.exists():
             with open(log_path, "rb") as f:
                 f.seek(position)
                 chunk = f.read()
             complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for its end
             position += len(complete)
             for line in complete.decode(errors="replace").splitlines():
-                if _PROGRESS.match(plain := _ANSI.sub("", line)):
+                if progress is not None and _PROGRESS.match(plain := _ANSI.sub("", line)):
                     progress(plain.split(":", 1)[1].strip())
+                if any(text in line for text in _FAILED) and not finished:
+                    proc.terminate()
+                    proc.wait()
+                    return 1
         if finished:
             return cast(int, proc.returncode)
         if time.monotonic() > deadline:
