@@ -203,7 +203,8 @@ def summarize_protocol(name: str) -> dict[str, Any]:
         seeds = sorted(
             (int(p.name.rsplit("-s", 1)[1]), p)
             for p in (RESULTS / name).glob(f"{run}-s*")
-            if p.is_dir() and p.name.rsplit("-s", 1)[1].isdigit() and finished(p)
+            # "fedavg-s*" also matches fedavg-sap's folders: the name before the seed must be the run's
+            if p.is_dir() and p.name.rsplit("-s", 1)[0] == run and p.name.rsplit("-s", 1)[1].isdigit() and finished(p)
         )
         if not seeds:
             continue

@@ -82,3 +82,14 @@ def test_the_summary_comes_from_the_run_files(lab):
     assert a["bae_worst_squeeze"]["max"] == pytest.approx(0.6)
     assert (root / "toy" / "summary.png").stat().st_size > 0
     assert "| a | 3 |" in (root / "toy" / "summary.md").read_text()
+
+
+def test_a_run_whose_name_starts_another_runs_name_keeps_its_own_seeds(lab, monkeypatch):
+    root, _ = lab
+    monkeypatch.setitem(
+        compare.PROTOCOLS, "toy", compare.Protocol("compare_fmnist.toml", 2, "toy", runs={"x": {}, "x-sap": {}})
+    )
+    _write_run(root / "toy" / "x-s0", [0.1, 0.2])
+    _write_run(root / "toy" / "x-sap-s0", [0.5, 0.6])
+    table = compare.summarize_protocol("toy")["runs"]
+    assert table["x"]["seeds"] == [0] and table["x-sap"]["seeds"] == [0]
