@@ -7,6 +7,10 @@ benchmarks and the end-to-end test call :func:`run_simulation` the same way.
 ``flwr run`` starts a local SuperLink that outlives it and exits 0 even when the run failed, so this
 module stops every Flower process that belongs to its private ``FLWR_HOME`` and treats a run as
 successful only when the ServerApp wrote its results file.
+
+With ``--ray-address`` the clients run on an existing Ray cluster (several machines) instead of a Ray
+started for the run. Flower's federation config has no field for that: its Ray backend calls
+``ray.init()`` without an address, which joins the cluster named by ``RAY_ADDRESS``.
 """
 
 from __future__ import annotations
@@ -154,6 +158,24 @@ def _follow(
         time.sleep(0.5)
 
 
+def check_ray_address(address: str) -> None:
+    """Refuse a Ray address nobody answers at before Flower starts: Flower's ``ray.init`` keeps trying
+    while the ServerApp waits in round 1 for clients that never come."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SimulationError(
+            f"Ray address {address!r} is not HOST:PORT: give the head node's address and the --port of its "
+            "`ray start --head`"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise SimulationError(
+            f"no Ray cluster answers at {address} ({exc}): start its head with `ray start --head --port={port}` "
+            "or correct the address"
+        ) from exc
+
+
 def failure_cause(log_path: Path | None) -> str:
     """The ServerApp's own error lines from Flower's log (ANSI colours stripped), so the cause of a
     failed run reaches the terminal, not only the log file; empty when there are none."""
@@ -174,18 +196,27 @@ def run_simulation(
     log_path: Path | None = None,
     cpus_per_client: int = 1,
     progress: Callable[[str], None] | None = None,
+    ray_address: str | None = None,
 ) -> dict:
     """``flwr run . --stream`` with the given overrides; returns the results the ServerApp wrote.
-    With a ``log_path``, ``progress`` gets each round's line of the ServerApp as it comes."""
+
+    With a ``log_path``, ``progress`` gets each round's line of the ServerApp as it comes.
+    ``ray_address`` (``HOST:PORT`` of a Ray cluster's head) runs the clients on that cluster's nodes
+    instead of a Ray started for this run; this machine must be one of its nodes."""
     results_dir = results_dir.resolve()
-    flwr_home = Path(tempfile.mkdtemp(prefix="fedmef-flwr-home-"))
     # flwr run takes either a TOML file or k=v pairs, not both: merge the preset in here
     preset_values = tomllib.loads(preset.read_text()) if preset is not None else {}
     overrides = {**preset_values, **run_config, "results-dir": str(results_dir), "run-name": run_name}
+    data_dir = str(overrides.get("data-dir", ""))
+    if ray_address is not None and data_dir and not Path(data_dir).is_absolute():
+        # a Ray worker resolves it from the folder its node's `ray start` ran in, not from here
+        overrides["data-dir"] = str(ROOT / data_dir)
     # Checked here, before Flower sees it: Flower rejects an unknown key with only "[code: 15] Invalid
     # run configuration", and a ServerApp that fails takes a minute to be reported.
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     parse_run_config({**defaults, **overrides})
+    if ray_address is not None:
+        check_ray_address(ray_address)
     cmd = [
         str(Path(sys.executable).parent / "flwr"),
         "run",
@@ -199,25 +230,29 @@ def run_simulation(
     results = results_dir / run_name / "results.json"
     if results.exists() and not overrides.get("resume"):
         raise SimulationError(f"{results} exists already: choose another run name, move it away or resume it")
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedmef-flwr-home-"))
+    env = flower_env(flwr_home)
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
     log_file = open(log_path, "w") if log_path else None
     log = log_file if log_file is not None else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         returncode = _follow(proc, log_path, progress, timeout)
     finally:
         stop_flower_processes(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
         if log_file is not None:
             log_file.close()
+    where = f"; see {log_path}" if log_path else ""
     if returncode != 0 or not results.exists():
-        where = f"; see {log_path}" if log_path else ""
         raise SimulationError(
             f"flwr run failed (exit {returncode}, results file "
             f"{'present' if results.exists() else 'missing'}){where}{failure_cause(log_path)}"
         )
     data = json.loads(results.read_text())
     if not data.get("summary"):
-        raise SimulationError(f"{results} has no summary: the run stopped early{where if log_path else ''}")
+        raise SimulationError(f"{results} has no summary: the run stopped early{where}")
     return data
 
 
@@ -229,6 +264,13 @@ def main() -> None:
     p.add_argument("--results-dir", type=Path, default=ROOT / "runs")
     p.add_argument("--name", default=None)
     p.add_argument("--resume", action="store_true", help="continue the killed run --name from its last checkpoint")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="run the clients on this Ray cluster (its head's `ray start --head --port`), of which this machine "
+        "is a node, instead of on a Ray started for the run",
+    )
     a = p.parse_args()
     overrides = {}
     if a.set:
@@ -240,7 +282,8 @@ def main() -> None:
     name = a.name or f"{overrides.get('strategy', 'fedmef')}-{time.strftime('%Y%m%d-%H%M%S')}"
     log_path = a.results_dir.resolve() / f"{name}{'-resumed' if a.resume else ''}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"flwr run: {a.supernodes} simulated SuperNodes; Flower's log goes to {log_path}", flush=True)
+    cluster = f" on the Ray cluster at {a.ray_address}" if a.ray_address else ""
+    print(f"flwr run: {a.supernodes} simulated SuperNodes{cluster}; Flower's log goes to {log_path}", flush=True)
     start = time.time()
     try:
         data = run_simulation(
@@ -251,6 +294,7 @@ def main() -> None:
             a.preset,
             log_path=log_path,
             progress=lambda line: print(line, flush=True),
+            ray_address=a.ray_address,
         )
     except (ConfigError, SimulationError) as exc:
         sys.exit(f"simulation: {exc}")
