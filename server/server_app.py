@@ -34,7 +34,7 @@ from common.pruning.masks import Masks, load_masks, sparsity
 from server.checkpoint import NAME, check_resumable, discard_checkpoints, load_checkpoint, save_checkpoint
 from server.plots import plot_runs
 from server.results import ResultsLog, markdown_table
-from server.strategy import SparseStrategy, make_strategy
+from server.strategy import FleetError, SparseStrategy, make_strategy
 
 app = ServerApp()
 
@@ -201,13 +201,17 @@ def main(grid: Grid, context: Context) -> None:
 
     evaluate_round = round_evaluation(strategy, evaluator, on_record)
     if cfg.num_server_rounds > strategy.rounds_before:
-        strategy.start(
-            grid,
-            initial_arrays=strategy.global_arrays(),
-            num_rounds=cfg.num_server_rounds - strategy.rounds_before,
-            timeout=cfg.round_timeout,
-            evaluate_fn=evaluate_round,
-        )
+        try:
+            strategy.start(
+                grid,
+                initial_arrays=strategy.global_arrays(),
+                num_rounds=cfg.num_server_rounds - strategy.rounds_before,
+                timeout=cfg.round_timeout,
+                evaluate_fn=evaluate_round,
+            )
+        except FleetError as exc:
+            log(ERROR, "%s %s", RUN_FAILED, exc)
+            raise
     results.finish()
     torch.save(
         {"state": strategy.global_state(), "masks": strategy.masks, "config": cfg.as_dict()},

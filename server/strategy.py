@@ -75,6 +75,10 @@ from server.fleet import NodeKey, OverSelectingGrid, ask_partition_ids, node_key
 Evaluator = Callable[[dict[str, torch.Tensor], Masks], tuple[float, float]]
 
 
+class FleetError(RuntimeError):
+    """The nodes cannot take part in the run as they are set up."""
+
+
 @dataclass
 class Contribution:
     """One accepted reply, decoded into full-shape tensors."""
@@ -299,6 +303,15 @@ class SparseStrategy(Strategy):
             ", ".join(f"{c.node_id}: {c.metrics['bytes_down']}/{c.metrics['bytes_up']}" for c in accepted),
         )
         if not accepted:
+            errors = [r["reason"] for r in state.rejected if r["reason"].startswith("client error: ")]
+            if server_round == self.rounds_before + 1 and state.sent and len(errors) == len(state.sent):
+                # every node asked failed the first round: a setup error (data, packages, memory),
+                # which more rounds would only repeat
+                common = max(set(errors), key=errors.count)
+                raise FleetError(
+                    f"every one of the {len(errors)} nodes asked failed round {server_round}; "
+                    f"{errors.count(common)} with {common!r}: fix the nodes, then run again"
+                )
             if state.skipped is None:
                 log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
             return None, None

@@ -235,16 +235,15 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
         assert done.returncode == 0 and results_file.exists(), done.stdout[-3000:] + done.stderr + procs.tails()
         return done, json.loads(results_file.read_text())
 
-    def refused_everywhere(data: dict, why: str) -> None:
-        for r in data["rounds"]:
-            assert r["clients"] == [], r
-            assert {x["node_id"] for x in r["rejected"]} == node_ids, r
+    def refused_everywhere(done: subprocess.CompletedProcess, data: dict, why: str) -> None:
+        # every device refuses round 1, so the run ends there, saying so in the operator's stream
+        assert data["rounds"] == [], data["rounds"]
+        assert "run failed: every one of the 3 nodes asked failed round 1" in done.stdout, done.stdout[-3000:]
         for i in (1, 2, 3):
             assert why in procs.log(f"pi-{i}").read_text(), procs.tails()
 
     # --- an unsigned app (what `flwr run .` uploads) runs on no device
-    _, unsigned = operator_run(".", "unsigned", 1)
-    refused_everywhere(unsigned, "The FAB could not be verified")
+    refused_everywhere(*operator_run(".", "unsigned", 1), "The FAB could not be verified")
 
     # --- a release signed only by the stranger's key runs on no device
     stranger_key = tmp_path / "stranger-signing"
@@ -252,8 +251,7 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
     fab = app_registry.build_fab(ROOT)
     _, _, version = app_registry.fab_identity(fab)
     app_registry.publish(registry, fab, app_registry.load_signing_key(stranger_key))
-    _, forged = operator_run(f"@fedmef/fedmef=={version}", "forged", 1)
-    refused_everywhere(forged, "FAB verification failed")
+    refused_everywhere(*operator_run(f"@fedmef/fedmef=={version}", "forged", 1), "FAB verification failed")
 
     # --- the operator signs the same release; the stranger attacks while it runs
     published = _run(

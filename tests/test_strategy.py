@@ -18,7 +18,7 @@ from common.protocol.wire import decode_positions, from_array_record, to_array_r
 from common.pruning.adjustment import sum_topk_gradients
 from common.pruning.schedules import feddip_sparsity
 from server.server_app import GlobalEvaluator, round_evaluation
-from server.strategy import Contribution, SparseStrategy, data_weights, make_strategy
+from server.strategy import Contribution, FleetError, SparseStrategy, data_weights, make_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 3
@@ -384,11 +384,37 @@ def test_clients_evaluate_the_global_model_on_their_validation_split(fmnist):
     assert 0.0 <= client_eval["eval-acc"] <= 1.0 and client_eval["eval-loss"] > 0
 
 
+def test_a_first_round_that_every_node_fails_ends_the_run_with_the_nodes_error(fmnist):
+    """A setup error on every node (here: no partition in the node config) would repeat in every
+    round; the run ends at once, naming it, instead of "completing" without training."""
+    strategy, grid, _ = federation(fmnist)
+    for context in grid.contexts.values():
+        context.node_config = {}
+    with pytest.raises(
+        FleetError, match=f"every one of the {NODES} nodes asked failed round 1; {NODES} with .*partition-id"
+    ):
+        play(strategy, grid, 2)
+
+
+def test_a_later_round_that_every_node_fails_is_recorded_and_the_run_goes_on(fmnist):
+    strategy, grid, records = federation(fmnist)
+
+    def out_of_memory_in_round_2(i: int, reply: Message) -> Message:
+        if strategy.round is None or strategy.round.number != 2:
+            return reply
+        return Message(error=Error(code=0, reason="out of memory"), reply_to=grid.sent[-1])
+
+    grid.tamper = out_of_memory_in_round_2
+    play(strategy, grid, 2)
+    assert records[-1]["round"] == 2 and records[-1]["clients"] == [] and len(records[-1]["rejected"]) == NODES
+
+
 def test_missing_data_on_a_client_is_reported_with_how_to_get_it(fmnist, tmp_path):
     strategy, grid, _ = federation(fmnist, **{"delta-r": 100})
     for context in grid.contexts.values():
         context.run_config.update({"dataset": "cifar10", "data-dir": str(tmp_path)})
-    train_round(strategy, grid, 1)
+    with pytest.raises(FleetError, match="CIFAR-10 not found"):
+        train_round(strategy, grid, 1)
     reasons = [r["reason"] for r in strategy.round_record()["rejected"]]
     assert len(reasons) == NODES and all("CIFAR-10" in r and "cifar10.npz" in r for r in reasons)
 
