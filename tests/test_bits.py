@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.sparse.bits import CodecError, index_bits, pack_bits, pack_uints, unpack_bits, unpack_uints
+from common.sparse.bits import CodecError, index_bits, pack_bits, pack_uints, read_uints, unpack_bits, unpack_uints
 
 
 def test_index_bits() -> None:
@@ -84,3 +84,30 @@ def test_pack_uints_rejects_bad_input() -> None:
         pack_bits(torch.tensor([1, 0]))
     with pytest.raises(CodecError, match="unpack"):
         unpack_bits(torch.zeros(1, dtype=torch.uint8), 9)
+
+
+@pytest.mark.parametrize("width", range(1, 64))
+def test_read_uints_matches_unpack_uints(width: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    for count in (0, 1, 7, 8, 9, 1001):
+        ints = torch.randint(0, 2 ** min(width, 62), (count,), generator=gen)
+        if count:
+            ints[0] = ints[-1] = 2**width - 1  # all ones: every bit of the field, none of its neighbours
+        packed = pack_uints(ints, width)
+        tail = np.array([0xFF, 0xA5], dtype=np.uint8)  # bytes after the fields are not read
+        got = read_uints(np.concatenate([packed.numpy(), tail]), count, width)
+        assert got.dtype == np.int64
+        assert np.array_equal(got, unpack_uints(packed, count, width).numpy())
+        assert np.array_equal(got, ints.numpy())
+
+
+def test_read_uints_rejects_bad_input() -> None:
+    data = np.zeros(3, dtype=np.uint8)
+    with pytest.raises(CodecError, match="only 24 remain"):
+        read_uints(data, 5, 5)
+    with pytest.raises(CodecError, match="bit width"):
+        read_uints(data, 1, 64)
+    with pytest.raises(CodecError, match="non-negative"):
+        read_uints(data, -1, 3)
+    with pytest.raises(CodecError, match="uint8"):
+        read_uints(data.astype(np.int16), 1, 3)

@@ -206,3 +206,65 @@ def test_corrupt_rice_masks_are_rejected(lenet, cut):
         bad = bad[: start + 12]
     with pytest.raises(WireError):
         decode_masks(bad, layout)
+
+
+# Every mask format on edge shapes: an empty layer, one weight, and layers big enough for Rice codes.
+EDGE_LAYOUT = ModelLayout(
+    masked=(("empty", (0, 3)), ("one", (1, 1)), ("conv", (32, 16, 3, 3)), ("fc", (10, 500))), dense=()
+)
+
+
+def _edge_masks(kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    masks = {}
+    for name, shape in EDGE_LAYOUT.masked:
+        if kind == "zeros":
+            masks[name] = torch.zeros(shape, dtype=torch.bool)
+        elif kind == "ones":
+            masks[name] = torch.ones(shape, dtype=torch.bool)
+        elif kind == "non-contiguous":
+            # Same shape and values as a random mask, but strided through a transpose.
+            flipped = tuple(reversed(shape))
+            masks[name] = (torch.rand(flipped, generator=g) < 0.1).permute(*reversed(range(len(shape))))
+        else:
+            masks[name] = torch.rand(shape, generator=g) < float(kind)
+    return masks
+
+
+@pytest.mark.parametrize("kind", ["zeros", "ones", "non-contiguous", "0.0005", "0.01", "0.05", "0.1", "0.3", "0.7"])
+def test_masks_round_trip_bit_identically_on_edge_layouts(kind):
+    masks = _edge_masks(kind)
+    back = decode_masks(encode_masks(masks, EDGE_LAYOUT), EDGE_LAYOUT)
+    assert list(back) == [name for name, _ in EDGE_LAYOUT.masked]
+    for name, shape in EDGE_LAYOUT.masked:
+        assert back[name].dtype == torch.bool and back[name].shape == shape and back[name].is_contiguous()
+        assert torch.equal(back[name], masks[name])
+
+
+def test_rice_coded_resnet_masks_round_trip_at_several_sparsities():
+    layout = ModelLayout.of(build_model("resnet18", num_classes=10, in_channels=3, width=8))
+    for sparsity in (0.5, 0.8, 0.9, 0.95, 0.99):
+        masks = random_masks(layout.masked_shapes, sparsity, generator=torch.Generator().manual_seed(2))
+        buf = encode_masks(masks, layout)
+        back = decode_masks(buf, layout)
+        assert all(torch.equal(back[n], masks[n]) for n in masks)
+        assert 2 in buf  # at least one layer took the Rice path (format byte 2)
+
+
+def test_every_truncation_and_corruption_raises_wire_error():
+    masks = _edge_masks("0.05")
+    buf = encode_masks(masks, EDGE_LAYOUT)
+    for cut in range(buf.size):
+        with pytest.raises(WireError):
+            decode_masks(buf[:cut], EDGE_LAYOUT)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = buf.copy()
+        at = rng.integers(bad.size, size=rng.integers(1, 4))
+        bad[at] = rng.integers(256, size=at.size)
+        # A flipped bit inside a bitmap or a remainder is still a valid mask; anything else must be a WireError.
+        try:
+            back = decode_masks(bad, EDGE_LAYOUT)
+        except WireError:
+            continue
+        assert all(back[name].shape == shape and back[name].dtype == torch.bool for name, shape in EDGE_LAYOUT.masked)

@@ -27,7 +27,7 @@ from flwr.common.serde import recorddict_to_proto
 from torch import nn
 
 from common.pruning.masks import Masks, prunable_weights
-from common.sparse.bits import CodecError, index_bits, pack_bits, pack_uints, unpack_bits, unpack_uints
+from common.sparse.bits import CodecError, index_bits, pack_bits, pack_uints, read_uints, unpack_uints
 from common.sparse.rice import rice_decode, rice_encode
 
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
@@ -143,51 +143,57 @@ def encode_masks(masks: Mapping[str, torch.Tensor], layout: ModelLayout) -> np.n
 
 
 def decode_masks(buf: np.ndarray, layout: ModelLayout) -> Masks:
-    """Inverse of :func:`encode_masks`; a short, long or inconsistent buffer raises WireError."""
+    """Inverse of :func:`encode_masks`; a short, long or inconsistent buffer raises WireError.
+
+    Decoded with numpy, which runs single-threaded: torch's intra-op threads wait on each other at
+    every op while other processes hold the cores, as on a 2-core client beside training."""
     if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
         raise WireError("masks must be a 1-D uint8 array (the output of encode_masks)")
+    # One writable copy, so that rice_decode gets zero-copy tensor views of it (Flower's arrays are read-only).
     data = torch.from_numpy(buf.copy())
+    buf = data.numpy()
     masks: Masks = {}
     at = 0
     for name, shape in layout.masked:
         n = math.prod(shape)
-        if at >= data.numel():
+        if at >= buf.size:
             raise WireError(f"mask buffer ends before layer {name!r}")
-        fmt = int(data[at])
+        fmt = int(buf[at])
         at += 1
         if fmt == _BITMAP:
             nbytes = -(-n // 8)
-            if at + nbytes > data.numel():
+            if at + nbytes > buf.size:
                 raise WireError(f"mask of {name!r} is truncated: needs {nbytes} bytes")
-            masks[name] = unpack_bits(data[at : at + nbytes], n).clone().reshape(shape)
+            masks[name] = torch.from_numpy(np.unpackbits(buf[at : at + nbytes], count=n).view(np.bool_)).reshape(shape)
             at += nbytes
             continue
         if fmt == _POSITIONS:
-            if at + 4 > data.numel():
+            if at + 4 > buf.size:
                 raise WireError(f"mask of {name!r} is truncated in its count")
-            count = int(np.frombuffer(buf[at : at + 4].tobytes(), dtype=np.uint32)[0])
+            count = int.from_bytes(buf[at : at + 4].tobytes(), "little")
             at += 4
             width = index_bits(n)
             nbytes = -(-count * width // 8)
-            if count > n or at + nbytes > data.numel():
+            if count > n or at + nbytes > buf.size:
                 raise WireError(f"mask of {name!r} claims {count} positions of {n}; the buffer is too short")
-            positions = unpack_uints(data[at : at + nbytes], count, width)
+            positions = read_uints(buf[at : at + nbytes], count, width)
             if count and (int(positions.max()) >= n or bool((positions[1:] <= positions[:-1]).any())):
                 raise WireError(f"mask of {name!r} has positions out of range or not strictly increasing")
             at += nbytes
         elif fmt == _RICE:
             try:
-                positions, used = rice_decode(data[at:], n)
+                rice, used = rice_decode(data[at:], n)
             except CodecError as err:
                 raise WireError(f"mask of {name!r}: {err}") from None
+            positions = rice.numpy()
             at += used
         else:
             raise WireError(f"mask of {name!r} has unknown format byte {fmt}")
-        flat = torch.zeros(n, dtype=torch.bool)
+        flat = np.zeros(n, dtype=np.bool_)
         flat[positions] = True
-        masks[name] = flat.reshape(shape)
-    if at != data.numel():
-        raise WireError(f"mask buffer has {data.numel() - at} bytes beyond the last layer")
+        masks[name] = torch.from_numpy(flat).reshape(shape)
+    if at != buf.size:
+        raise WireError(f"mask buffer has {buf.size - at} bytes beyond the last layer")
     return masks
 
 

@@ -5,6 +5,7 @@ MSB-first into bytes (the bitmap format, byte-compatible with ``numpy.packbits``
 ints packed into fixed-width MSB-first fields (COO offsets, CSR / CSC indices and pointers, and the
 position lists of :mod:`common.protocol.wire`). A field that takes ``v`` distinct values is
 ``index_bits(v)`` wide; :mod:`common.sparse.sizes` derives every format's size from that width.
+:func:`read_uints` reads such fields in numpy, for the wire decoders.
 
 :class:`CodecError` is defined here, at the bottom of the package, so that bit packing, sizes and
 the codec all raise the same error.
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
-__all__ = ["CodecError", "index_bits", "pack_bits", "pack_uints", "unpack_bits", "unpack_uints"]
+__all__ = ["CodecError", "index_bits", "pack_bits", "pack_uints", "read_uints", "unpack_bits", "unpack_uints"]
 
 _MAX_UINT_WIDTH = 63  # int64 holds every value of a 63-bit field
 # Bounds the (chunk x width) int64 scratch of pack_uints / unpack_uints to 16 MiB.
@@ -151,3 +153,42 @@ def unpack_uints(packed: torch.Tensor, count: int, width: int, bit_offset: int =
         # Each field's bits are distinct powers of two, so the sum is an exact bitwise OR.
         out[start : start + k] = (fields << shifts).sum(dim=1)
     return out
+
+
+def read_uints(data: np.ndarray, count: int, width: int) -> np.ndarray:
+    """``unpack_uints`` for bytes already in host memory: ``count`` ``width``-bit fields from the start of
+    the 1-D uint8 array ``data``, as int64.
+
+    The wire decoders use it: numpy runs single-threaded, where torch's intra-op threads wait on each
+    other at every op while other processes hold the cores (a client training beside the decode).
+
+    Eight fields fill exactly ``width`` bytes, so as rows of ``width`` bytes the ``j``-th field of
+    every row sits in the same byte columns ``j*width // 8 .. ((j+1)*width - 1) // 8``: a few
+    column-wide shifts per ``j`` read them all, instead of expanding every bit.
+    """
+    _check_width(width)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+        raise CodecError("read_uints needs a 1-D numpy uint8 array")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise CodecError(f"count must be a non-negative int, got {count!r}")
+    nbytes = -(-count * width // 8)
+    if nbytes > data.size:
+        raise CodecError(
+            f"need {count * width} bits for {count} fields of {width} bits, but only {8 * data.size} remain"
+        )
+    rows = -(-count // 8)
+    padded = np.zeros(rows * width, dtype=np.uint64)
+    padded[:nbytes] = data[:nbytes]
+    columns = padded.reshape(rows, width)
+    out = np.empty((rows, 8), dtype=np.uint64)
+    for j in range(8):
+        first, last = j * width, (j + 1) * width - 1
+        window = np.zeros(rows, dtype=np.uint64)
+        for col in range(first // 8, last // 8):
+            window = (window << np.uint64(8)) | columns[:, col]
+        # Only the field's bits of its last byte go in, so the window holds at most 7 + 63 bits, and the
+        # at most 6 that uint64 drops lie before the field.
+        tail = last % 8 + 1
+        window = (window << np.uint64(tail)) | (columns[:, last // 8] >> np.uint64(8 - tail))
+        out[:, j] = window & np.uint64((1 << width) - 1)
+    return out.reshape(-1)[:count].astype(np.int64)

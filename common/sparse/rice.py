@@ -4,8 +4,8 @@ bitmap or the fixed-width offsets of FedMef App. 7.1.
 The positions ``p_0 < p_1 < ...`` of a mask's set bits become gaps ``g_i = p_i - p_{i-1} - 1``
 (with ``p_{-1} = -1``), and each gap is split by a parameter ``k`` into a quotient ``g >> k``,
 written in unary (that many ones, then a zero), and a ``k``-bit remainder. The two parts go into
-two separate streams so that both decode in bulk, with :func:`common.sparse.bits.unpack_bits` and
-:func:`common.sparse.bits.unpack_uints`, instead of one variable-length code at a time.
+two separate streams so that both decode in bulk, with ``numpy.unpackbits`` and
+:func:`common.sparse.bits.read_uints`, instead of one variable-length code at a time.
 
 Layout (all counts little-endian): ``count`` (uint32), ``k`` (one byte), the unary stream's length
 in bytes (uint32), the unary stream, then the remainders as ``count`` ``k``-bit fields
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.sparse.bits import CodecError, pack_bits, pack_uints, unpack_bits, unpack_uints
+from common.sparse.bits import CodecError, pack_bits, pack_uints, read_uints
 
 __all__ = ["rice_decode", "rice_encode"]
 
@@ -53,29 +53,40 @@ def rice_encode(positions: torch.Tensor) -> bytes:
 
 
 def rice_decode(data: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """Inverse of :func:`rice_encode` for positions below ``n``, read from the start of the uint8 ``data``.
+    """Inverse of :func:`rice_encode` for positions below ``n``, read from the start of the uint8 CPU tensor ``data``.
 
     Returns the positions and the number of bytes they took. A header that does not fit ``data``,
     quotients that disagree with the count, or a position of ``n`` or beyond raise
     :class:`~common.sparse.bits.CodecError`.
+
+    Decoded in numpy, a fixed number of whole-array passes (see :func:`common.sparse.bits.read_uints`
+    for why not torch). The ``i``-th zero of the unary stream sits at ``e_i = sum_{j<=i} (q_j + 1) - 1``,
+    so ``sum_{j<=i} q_j = e_i - i`` and, with ``p_i = sum_{j<=i} (g_j + 1) - 1`` and ``g_j = (q_j << k) + r_j``,
+    ``p_i = ((e_i - i) << k) + sum_{j<=i} r_j + i``: one cumulative sum, no per-gap differences.
     """
-    if _HEADER_BYTES > data.numel():
+    raw = data.numpy()
+    if _HEADER_BYTES > raw.size:
         raise CodecError("the Rice header is truncated")
-    header = data[:_HEADER_BYTES].numpy().tobytes()
-    count, k = int(np.frombuffer(header[:4], np.uint32)[0]), header[4]
-    unary_nbytes = int(np.frombuffer(header[5:], np.uint32)[0])
+    count = int.from_bytes(raw[:4].tobytes(), "little")
+    k = int(raw[4])
+    unary_nbytes = int.from_bytes(raw[5:9].tobytes(), "little")
     remainder_nbytes = -(-count * k // 8)
     at = _HEADER_BYTES
-    if count > n or k > 31 or at + unary_nbytes + remainder_nbytes > data.numel():
+    if count > n or k > 31 or at + unary_nbytes + remainder_nbytes > raw.size:
         raise CodecError(f"Rice header (count {count}, k {k}) does not fit the buffer")
-    ends = torch.nonzero(~unpack_bits(data[at : at + unary_nbytes], 8 * unary_nbytes)).reshape(-1)
-    if ends.numel() < count or (count and -(-(int(ends[count - 1]) + 1) // 8) != unary_nbytes):
+    # Inverting the bytes first makes the unary stream's zeros the set bits that flatnonzero lists.
+    ends = np.flatnonzero(np.unpackbits(~raw[at : at + unary_nbytes]))
+    if ends.size < count or (count and int(ends[count - 1]) // 8 + 1 != unary_nbytes):
         raise CodecError(f"Rice quotients do not match the count {count}")
     ends = ends[:count]
-    quotients = torch.diff(ends, prepend=ends.new_tensor([-1])) - 1
+    # The smallest position the last quotients allow; checked before shifting so that nothing overflows.
+    if count and (int(ends[-1]) - (count - 1)) << k >= n:
+        raise CodecError(f"Rice-coded positions reach beyond the {n} entries")
     at += unary_nbytes
-    remainders = unpack_uints(data[at : at + remainder_nbytes], count, k) if k else torch.zeros_like(quotients)
-    positions = torch.cumsum((quotients << k) + remainders + 1, 0) - 1
+    index = np.arange(count, dtype=np.int64)
+    positions = ((ends - index) << k) + index
+    if k:
+        positions += np.cumsum(read_uints(raw[at : at + remainder_nbytes], count, k))
     if count and int(positions[-1]) >= n:
         raise CodecError(f"Rice-coded positions reach beyond the {n} entries")
-    return positions, at + remainder_nbytes
+    return torch.from_numpy(positions), at + remainder_nbytes
