@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -174,6 +175,7 @@ class SparseStrategy(Strategy):
         self.rounds_before = 0  # rounds a checkpoint had done: Flower counts this start's rounds from 1
         self.round: RoundState | None = None
         self._arrays: ArrayRecord | None = None  # the global model as last handed to Flower
+        self._mask_bits: tuple[tuple[int, int], np.ndarray] | None = None  # see _encoded_masks
         self.dense_bytes = 2 * content_bytes(
             RecordDict({"model": to_array_record(pack_values(self.state, self.layout, None))})
         )
@@ -621,6 +623,7 @@ class SparseStrategy(Strategy):
         self.node_versions = {}
         self.rounds_before = rounds_done
         self._arrays = None
+        self._mask_bits = None
 
     def message_for(self, node: int, ins: Instructions, message_type: str) -> Message:
         """The message for one node: its instructions, the model's values and, if stale, the mask."""
@@ -632,10 +635,18 @@ class SparseStrategy(Strategy):
             }
         )
         if sparse and self.node_versions.get(node) != self.mask_version:
-            content["masks"] = to_array_record({"bits": encode_masks(self.masks, self.layout)})
+            content["masks"] = to_array_record({"bits": self._encoded_masks()})
         if message_type == MessageType.TRAIN and self.round is not None:
             self.round.sent[node] = (self.mask_version, content_bytes(content))
         return Message(content=content, dst_node_id=node, message_type=message_type)
+
+    def _encoded_masks(self) -> np.ndarray:
+        """The global mask as it travels, encoded once per mask (ResNet18: 1-3 s a time here), not
+        once per node that needs it. Every structure change replaces the masks dict."""
+        key = (self.mask_version, id(self.masks))
+        if self._mask_bits is None or self._mask_bits[0] != key:
+            self._mask_bits = (key, encode_masks(self.masks, self.layout))
+        return self._mask_bits[1]
 
     def _bae_marks(self, ins: Instructions) -> Masks:
         """θ_low as every client marks it on receipt (eq. 2: the ξ smallest active weights of the model

@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
 from loopback import LoopbackGrid
 
+import server.strategy
 from common.data.datasets import Split, load_dataset
 from common.methods import METHODS
 from common.nn.models import build_model
@@ -156,6 +157,15 @@ def test_masks_travel_only_to_nodes_without_the_current_version(fmnist):
     assert "mask version" in rejected[0]["reason"]
     again = list(strategy.configure_train(4, strategy.global_arrays(), ConfigRecord(), grid))
     assert ["masks" in m.content for m in again] == [m.metadata.dst_node_id == lost for m in again]
+
+
+def test_the_global_mask_is_encoded_once_per_structure_not_once_per_node(fmnist, monkeypatch):
+    calls = []
+    encode = server.strategy.encode_masks
+    monkeypatch.setattr(server.strategy, "encode_masks", lambda *a: calls.append(1) or encode(*a))
+    strategy, grid, _ = federation(fmnist, **{"delta-r": 1})
+    play(strategy, grid, 2)  # every node gets the mask in round 1, and again after each adjustment
+    assert strategy.mask_version == 2 and len(calls) == 2
 
 
 # ---------------------------------------------------------------------------------------------- replies
