@@ -99,12 +99,27 @@ def run_folder(protocol: str, run: str, seed: int) -> Path:
     return RESULTS / protocol / f"{run}-s{seed}"
 
 
+# A finished run that lost more of its replies than this to client errors measured its environment
+# (e.g. Ray killing workers when another job filled the memory), not its method: it is redone.
+MAX_LOST_REPLIES = 0.05
+
+
+def lost_replies(results: Mapping[str, Any]) -> float:
+    """The share of the replies a run asked for that came back as client errors."""
+    rounds = results.get("rounds", [])
+    lost = sum(1 for r in rounds for x in r.get("rejected", []) if str(x.get("reason", "")).startswith("client error"))
+    asked = sum(len(r.get("clients", [])) + len(r.get("rejected", [])) for r in rounds)
+    return lost / asked if asked else 0.0
+
+
 def finished(folder: Path) -> bool:
-    """A run is finished when its results file parses and holds the ServerApp's final summary."""
+    """A run is finished when its results file parses, holds the ServerApp's final summary and lost at
+    most :data:`MAX_LOST_REPLIES` of its replies to client errors."""
     try:
-        return bool(read_results(folder / "results.json").get("summary"))
+        results = read_results(folder / "results.json")
     except (OSError, ValueError):
         return False
+    return bool(results.get("summary")) and lost_replies(results) <= MAX_LOST_REPLIES
 
 
 def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> None:
@@ -116,6 +131,15 @@ def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> None:
             print(f"[{i}/{len(todo)}] {folder.name}: finished, skipped", flush=True)
             continue
         resume = (folder / CHECKPOINT).exists()
+        if (folder / "results.json").exists() and not resume:
+            try:
+                lost = lost_replies(read_results(folder / "results.json"))
+            except (OSError, ValueError):
+                lost = 0.0
+            if lost > MAX_LOST_REPLIES:
+                print(
+                    f"[{i}/{len(todo)}] {folder.name}: {lost:.0%} of its replies were client errors, redone", flush=True
+                )
         if folder.exists() and not resume:
             aside = folder.with_name(folder.name + ".partial")
             shutil.rmtree(aside, ignore_errors=True)

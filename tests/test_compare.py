@@ -93,3 +93,18 @@ def test_a_run_whose_name_starts_another_runs_name_keeps_its_own_seeds(lab, monk
     _write_run(root / "toy" / "x-sap-s0", [0.5, 0.6])
     table = compare.summarize_protocol("toy")["runs"]
     assert table["x"]["seeds"] == [0] and table["x-sap"]["seeds"] == [0]
+
+
+def test_a_run_that_lost_many_replies_to_client_errors_is_redone_and_left_out(lab):
+    """Ray killed workers of two CIFAR runs when other jobs filled the memory (252 of 600 replies): such
+    a run measured the machine, not the method."""
+    root, calls = lab
+    folder = root / "toy" / "a-s0"
+    _write_run(folder, [0.1, 0.2])
+    data = json.loads((folder / "results.json").read_text())
+    data["rounds"][0]["clients"] = [{"node_id": 1}]
+    data["rounds"][0]["rejected"] = [{"node_id": 2, "reason": "client error: OutOfMemoryError"}]
+    (folder / "results.json").write_text(json.dumps(data))
+    assert compare.lost_replies(data) == 0.5 and not compare.finished(folder)
+    compare.run_matrix("toy", ["a"], [0])
+    assert calls == [("a-s0", 0, False)] and (root / "toy" / "a-s0.partial").exists()
