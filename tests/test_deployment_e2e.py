@@ -269,14 +269,19 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
         120,
     )
     assert published.returncode == 0, published.stdout + published.stderr
-    legit = subprocess.Popen(
-        [str(c) for c in run_command(f"@fedmef/fedmef=={version}", "signed", 2)],
-        env=env("operator"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+
+    def signed_run(name: str, stdout: int) -> subprocess.Popen:
+        """The operator's `flwr run` of the signed release, 2 rounds, left running."""
+        return subprocess.Popen(
+            [str(c) for c in run_command(f"@fedmef/fedmef=={version}", name, 2)],
+            env=env("operator"),
+            cwd=ROOT,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    legit = signed_run("signed", subprocess.PIPE)
     runs = json.loads(_run([BIN / "flwr", "ls", "op", "--format", "json"], env("operator")).stdout)["runs"]
     legit_run_id = max(int(r["run-id"]) for r in runs)
 
@@ -292,13 +297,7 @@ def _scenario(tmp_path: Path, net: Network, procs: Processes, homes: dict[str, P
         assert [c["partition_id"] for c in r["clients"]] == [0, 1, 2] and all(c["examples"] > 0 for c in r["clients"])
 
     # --- the server crashes after round 1 of the same run; restarted on its database, the run resumes
-    crash = subprocess.Popen(
-        [str(c) for c in run_command(f"@fedmef/fedmef=={version}", "crash", 2)],
-        env=env("operator"),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    crash = signed_run("crash", subprocess.DEVNULL)
     checkpoint = results / "crash" / "checkpoint.pt"
     deadline = time.monotonic() + 240
     while not checkpoint.exists():
