@@ -26,6 +26,11 @@ POLL_S = 0.5
 # How often the wait for nodes says so in the log.
 WAIT_LOG_S = 30.0
 
+# How long a round waits for new nodes to say their partition id: long enough for a Pi to start its
+# ClientApp, short enough that a node which died after connecting does not hold the round for the
+# whole round-timeout. A node that does not answer is ordered by its node id and asked again.
+IDENTITY_TIMEOUT_S = 120.0
+
 NodeKey = tuple[int, int]  # (0, partition id) or (1, node id): partitions first, then by id
 
 

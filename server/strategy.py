@@ -70,7 +70,15 @@ from common.pruning.schedules import (
     round_learning_rate,
 )
 from server.bounds import beyond_round, state_norm, update_distance
-from server.fleet import NodeKey, OverSelectingGrid, ask_partition_ids, node_key, sample_nodes, wait_for_nodes
+from server.fleet import (
+    IDENTITY_TIMEOUT_S,
+    NodeKey,
+    OverSelectingGrid,
+    ask_partition_ids,
+    node_key,
+    sample_nodes,
+    wait_for_nodes,
+)
 
 # (loss, accuracy) of a global model given as its state and masks, on the server's test set
 Evaluator = Callable[[dict[str, torch.Tensor], Masks], tuple[float, float]]
@@ -578,7 +586,7 @@ class SparseStrategy(Strategy):
         asking each node seen for the first time for its partition id, which orders it reproducibly."""
         new = [node for node in connected if node not in self.node_keys]
         if new:
-            answers = ask_partition_ids(grid, new, self.cfg.round_timeout)
+            answers = ask_partition_ids(grid, new, min(self.cfg.round_timeout, IDENTITY_TIMEOUT_S))
             # a node that did not answer is ordered by its id this round and asked again next time
             self.node_keys.update({node: node_key(node, pid) for node, pid in answers.items()})
         keys = {node: self.node_keys.get(node, node_key(node, None)) for node in connected}
