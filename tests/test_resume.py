@@ -1,12 +1,12 @@
 """Checkpoints and resume: what a run killed after round r needs to finish as if it had never stopped."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import ConfigRecord
 from loopback import LoopbackGrid
+from test_strategy import run_config as strategy_config
 
 from common.data.datasets import Split, load_dataset
 from common.nn.models import build_model
@@ -28,23 +28,20 @@ NODES = 4
 
 
 def run_config(**overrides) -> dict:
-    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    base.update(
-        {
+    """test_strategy's small federation, with half the nodes sampled per round so the sample matters."""
+    return strategy_config(
+        **{
             "max-local-steps": 3,
-            "batch-size": 16,
-            "grad-batches": 1,
             "delta-r": 1,
             "r-stop": 4,
             "num-server-rounds": 4,
             "max-test-examples": 100,
-            "fraction-train": 0.5,  # 2 of 4 nodes a round: the sample matters
+            "fraction-train": 0.5,
             "min-train-nodes": 2,
             "augment": True,
+            **overrides,
         }
     )
-    base.update(overrides)
-    return base
 
 
 @pytest.fixture(scope="module")
