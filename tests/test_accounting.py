@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -154,3 +156,30 @@ def test_meter_without_model_counts_everything_as_activation():
     assert meter.held.activation_bytes == x.nbytes + w.nbytes
     assert meter.held.model_bytes == 0
     assert meter.held.tensors == 2
+
+
+def test_a_metered_forward_frees_its_graph_once_the_output_is_dropped():
+    # BatchNorm saves its own outputs (batch mean, inverse std): a meter that kept those as they are
+    # closed a cycle (output -> grad_fn -> saved output) that Python's collector cannot see, and the
+    # graph kept every activation before it alive: 45 MB per client probe of ResNet18 w8.
+    model = build_model("resnet18", norm="batchnorm", act_sparsity=None, num_classes=10, in_channels=3, width=4)
+    outputs: list[weakref.ref[torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(weakref.ref(out))) for m in model.modules()]
+    with SavedTensorMeter(model) as meter:
+        out = model(torch.randn(2, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    del out
+    gc.collect()
+    assert meter.held.activation_bytes > 0 and len(outputs) > 20
+    assert sum(ref() is not None for ref in outputs) == 0
+
+
+def test_backward_through_a_metered_forward_gives_the_unmetered_gradient():
+    model = build_model("lenet5", norm="batchnorm", act_sparsity=None, num_classes=10, in_channels=1)
+    x = torch.randn(4, 1, 28, 28)
+    plain = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    with SavedTensorMeter(model):
+        out = model(x)
+    metered = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(plain, metered, strict=True))
