@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(f"\n{folder.name}: ‖θ_low‖ after / before (aggregate; clients: median, halving)")
         print(
-            "| round | marked | ‖θ_low‖ sent | aggregate | clients median | clients ≤ 0.5 | steps: measured (penalty only) |"
+            "| round | marked | ‖θ_low‖ sent | aggregate | clients median | clients ≤ 0.5 "
+            "| steps: measured (penalty only) |"
         )
         print("|---|---|---|---|---|---|---|")
         for row in rows:

@@ -68,7 +68,13 @@ SELECTION_SEED = 100
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "cifar10": Protocol("cifar10_cpu.toml", 100, "ResNet18 (width 8) on CIFAR-10, 100 clients, 10 per round, E = 1"),
+    "cifar10": Protocol(
+        "cifar10_cpu.toml",
+        100,
+        "ResNet18 (width 8) on CIFAR-10, 100 clients, 10 per round, E = 1",
+        # BaE's penalty as a proximal step, at the same lambda: the extrusion without momentum's swing
+        runs={**ABLATIONS, "fedmef-prox": {"strategy": "fedmef", "bae-step": "proximal"}},
+    ),
     "fmnist": Protocol(
         "compare_fmnist.toml",
         10,

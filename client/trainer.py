@@ -28,7 +28,7 @@ from common.nn.sap import seed_threshold_sampler
 from common.nn.training import TrainStats, batches, train_step
 from common.protocol.instructions import Instructions
 from common.pruning.adjustment import prune_and_grow
-from common.pruning.bae import budget_lr, extrusion_penalty, mark_low, marked_norm
+from common.pruning.bae import budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
 from common.pruning.masks import Masks, keep_pruned_at_zero, load_masks, prunable_weights
 from common.pruning.topk import topk_pruned_gradients
 
@@ -205,7 +205,8 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     marks: Masks = {}
     if ins.bae and ins.adjusting:
         marks = mark_low({n: w.detach() for n, w in weights.items()}, masks, counts)
-        penalties.append(lambda: ins.bae_lambda * extrusion_penalty(weights, marks))
+        if ins.bae_step == "loss":
+            penalties.append(lambda: ins.bae_lambda * extrusion_penalty(weights, marks))
     norm_start = marked_norm(weights, marks) if marks else 0.0
     if ins.reg_lambda > 0:  # FedDIP: un-squared per-layer L2 norm
         penalties.append(lambda: ins.reg_lambda * sum(w.norm() for w in weights.values()))
@@ -228,6 +229,8 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             train_step(model, optimizer, images, labels, stats, forward=forward, penalty=penalty)
+            if marks and ins.bae_step == "proximal":
+                extrusion_prox_(weights, marks, ins.bae_lambda, lr)
     finally:
         for hook in hooks:
             hook.remove()

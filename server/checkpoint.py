@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from flwr.common import log
 
-from common.protocol.config import ConfigError
+from common.protocol.config import ConfigError, RunConfig
 
 FORMAT = 1
 NAME = "checkpoint.pt"
@@ -91,7 +91,11 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ConfigError unless ``current`` is the checkpointed run's config up to :data:`OPERATIONAL_KEYS`."""
+    """Raise ConfigError unless ``current`` is the checkpointed run's config up to :data:`OPERATIONAL_KEYS`.
+
+    A key the checkpoint lacks was added to the app after it was written, and a new key's default keeps
+    the old behaviour, so it counts as its default: the run resumes unless the key is set otherwise."""
+    saved = {**RunConfig().as_dict(), **saved}
     changed = sorted(
         key
         for key in saved.keys() | current.keys()

@@ -220,6 +220,7 @@ class SparseStrategy(Strategy):
             counts=[],
             bae=False,
             bae_lambda=cfg.bae_lambda,
+            bae_step=cfg.bae_step,
             topk=False,
             grad_batches=cfg.grad_batches,
             topk_pass=cfg.topk_pass,

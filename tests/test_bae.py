@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.pruning.bae import budget_lr, extrusion_penalty, mark_low, marked_norm
+from common.pruning.bae import budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -109,3 +109,25 @@ def test_budget_lr_limits():
 def test_budget_lr_rejects_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         budget_lr(*args)
+
+
+def test_the_proximal_step_shrinks_only_the_marks_by_one_over_one_plus_two_lambda_mu():
+    w = torch.randn(4, 5)
+    mask = torch.rand(4, 5) > 0.3
+    marks = mark_low({"l": w}, {"l": mask}, {"l": 3})
+    before = w.clone()
+    extrusion_prox_({"l": w}, marks, lam=2.0, lr=0.25)
+    assert torch.equal(w[~marks["l"]], before[~marks["l"]])
+    assert torch.allclose(w[marks["l"]], before[marks["l"]] / 2.0)  # 1 / (1 + 2 * 2 * 0.25)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        extrusion_prox_({"l": w}, marks, lam=-1.0, lr=0.1)
+
+
+def test_in_the_loss_under_momentum_the_penalty_swings_the_marks_through_zero_the_proximal_step_never():
+    # bench.bae_squeeze's model of a client: the penalty alone, SGD with momentum from an empty buffer
+    from bench.bae_squeeze import penalty_only_ratio
+
+    plain = [penalty_only_ratio(k, 0.05, 0.05, 0.0, 3.0, 0.0, 1e-3) for k in range(1, 13)]
+    assert plain == pytest.approx([0.7**k for k in range(1, 13)])  # no momentum: (1 - 2 lambda mu)^k
+    heavy = [penalty_only_ratio(k, 0.05, 0.05, 0.9, 3.0, 0.0, 1e-3) for k in range(1, 13)]
+    assert min(heavy) < -0.3 and max(heavy[6:]) > 0.3  # past zero, and back: the client's step count decides

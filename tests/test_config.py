@@ -58,6 +58,7 @@ def test_every_problem_is_reported_at_once_with_a_hint():
         {"lr-decay": 0.0},
         {"batch-size": True},
         {"adjust-alpha": 0.6},
+        {"bae-step": "momentum"},
     ],
 )
 def test_inconsistent_settings_are_refused(bad):

@@ -28,6 +28,7 @@ BASE = Instructions(
     counts=[3, 0, 5],
     bae=True,
     bae_lambda=1e-3,
+    bae_step="loss",
     topk=True,
     grad_batches=2,
     topk_pass="exact",

@@ -177,6 +177,14 @@ def test_a_resumed_run_may_change_where_it_waits_and_reads_but_not_what_it_compu
         check_resumable(saved, {**saved, "resume": True, "lr": 0.1, "seed": 1})
 
 
+def test_a_key_added_after_the_checkpoint_counts_as_its_default():
+    saved = parse_run_config(run_config()).as_dict()
+    older = {key: value for key, value in saved.items() if key != "bae-step"}  # written before bae-step existed
+    check_resumable(older, {**saved, "resume": True})
+    with pytest.raises(ConfigError, match=r"bae-step = 'loss' -> 'proximal'"):
+        check_resumable(older, {**saved, "resume": True, "bae-step": "proximal"})
+
+
 def test_a_resumed_results_log_goes_on_from_the_checkpoints_rounds(tmp_path):
     log = ResultsLog(tmp_path / "results.json", {"strategy": "fedmef", "torch": torch.__version__})
     log.add_round({"round": 1, "accuracy": 0.5, "loss": float("nan")})

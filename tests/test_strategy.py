@@ -119,6 +119,14 @@ def test_with_the_default_settings_a_bae_round_halves_the_marked_weights_of_the_
     assert "bae_norm_start" not in records[1]
 
 
+def test_with_the_proximal_step_every_client_halves_its_marks(fmnist):
+    strategy, grid, _ = federation(fmnist, **{"bae-lambda": 3.0, "bae-step": "proximal"})
+    messages = strategy.configure_train(2, strategy.global_arrays(), ConfigRecord(), grid)
+    for reply in grid.send_and_receive(messages):
+        metrics = reply.content["metrics"]
+        assert 0 < metrics["bae-norm-end"] <= 0.5 * metrics["bae-norm-start"], metrics
+
+
 def test_bae_marks_active_weights_and_squeezes_them(fmnist):
     # a strong λ, so that 4 steps of eq. 2 visibly shrink the marked weights whatever the data says
     strategy, grid, _ = federation(fmnist, **{"bae-lambda": 1.0})

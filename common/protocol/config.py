@@ -23,6 +23,9 @@ SWITCH = ("auto", "on", "off")
 # The top-K gradient pass: exact activations over micro-batches that hold no more than a SAP step,
 # or the SAP layers as they train (approximate gradients, about one batch of memory).
 TOPK_PASSES = ("exact", "sap")
+# How BaE applies its penalty (common.pruning.bae): in the loss, through the optimizer and its momentum,
+# or as the penalty's own proximal step after each optimizer step.
+BAE_STEPS = ("loss", "proximal")
 
 
 class ConfigError(ValueError):
@@ -73,6 +76,7 @@ class RunConfig:
     r_stop: int = 5
     adjust_alpha: float = 0.2
     bae_lambda: float = 1.0
+    bae_step: str = "loss"
     grad_batches: int = 4
     topk_pass: str = "exact"
     max_update_ratio: float = 10.0
@@ -172,6 +176,7 @@ def _range_errors(c: RunConfig) -> list[str]:
     choice("norm", c.norm, ("auto", *NORMS))
     choice("sap", c.sap, SWITCH)
     choice("bae", c.bae, SWITCH)
+    choice("bae-step", c.bae_step, BAE_STEPS)
     for key in ("s-tm", "s-ta", "feddip-s0", "val-fraction"):
         value = getattr(c, key.replace("-", "_"))
         need(0.0 <= value < 1.0, f"{key} = {value}: must be in [0, 1)")

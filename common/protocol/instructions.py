@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from common.methods import MODES
-from common.protocol.config import TOPK_PASSES, typed_value
+from common.protocol.config import BAE_STEPS, TOPK_PASSES, typed_value
 
 
 class ProtocolError(ValueError):
@@ -51,6 +51,7 @@ class Instructions:
     counts: list[int]
     bae: bool
     bae_lambda: float
+    bae_step: str
     topk: bool
     grad_batches: int
     topk_pass: str
@@ -91,6 +92,8 @@ class Instructions:
             raise ProtocolError(f"unknown training mode {ins.mode!r}; expected one of {MODES}")
         if ins.topk_pass not in TOPK_PASSES:
             raise ProtocolError(f"unknown top-K pass {ins.topk_pass!r}; expected one of {TOPK_PASSES}")
+        if ins.bae_step not in BAE_STEPS:
+            raise ProtocolError(f"unknown BaE step {ins.bae_step!r}; expected one of {BAE_STEPS}")
         if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
             raise ProtocolError("batch-size and local-epochs must be >= 1 and lr > 0")
         return ins

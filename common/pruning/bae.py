@@ -46,6 +46,25 @@ def extrusion_penalty(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def extrusion_prox_(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor], lam: float, lr: float) -> None:
+    """One proximal step of the penalty, in place: ``theta_low <- theta_low / (1 + 2 lambda mu)``.
+
+    The minimiser of ``lambda ||theta||^2 + ||theta - theta'||^2 / (2 mu)``, so applied after each
+    optimizer step it descends eq. 2's objective at the rate ``mu`` of eq. 4, with the penalty kept out
+    of the optimizer's momentum. Inside the loss, under SGD with momentum m and an optimizer that
+    starts empty every round, the marks follow a heavy ball: once ``2 lambda mu`` exceeds
+    ``(1 - sqrt(m))^2`` they swing through zero and shrink by at most ``sqrt(m)`` per step, so what a
+    client sends depends on where its last step falls in the swing (``python -m bench.bae_squeeze``).
+    The proximal step shrinks them by the same factor at every step, never past zero."""
+    if lam < 0 or lr < 0:
+        raise ValueError(f"lambda and the learning rate must be >= 0, got {lam} and {lr}")
+    factor = 1.0 / (1.0 + 2.0 * lam * lr)
+    with torch.no_grad():
+        for name, mark in marks.items():
+            w = layer_tensor(weights, name, mark, "weights")
+            w.masked_scatter_(mark, w.masked_select(mark) * factor)
+
+
 def marked_norm(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]) -> float:
     """``||theta_low||``: the plain L2 norm over all marked weights together (sigma's argument in
     eq. 3)."""
