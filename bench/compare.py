@@ -22,6 +22,7 @@ import math
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -33,7 +34,7 @@ from typing import Any
 from server.checkpoint import NAME as CHECKPOINT
 from server.plots import plot_runs
 from server.results import FINAL_ROUNDS, read_results, summarize, write_json_atomic
-from server.simulation import ROOT, run_simulation
+from server.simulation import ROOT, SimulationError, toml_overrides
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -128,9 +129,33 @@ def finished(folder: Path) -> bool:
     return bool(results.get("summary")) and lost_replies(results) <= MAX_LOST_REPLIES
 
 
-def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> None:
+def run_simulation(
+    run_config: Mapping[str, Any], supernodes: int, results_dir: Path, run_name: str, *, preset: Path, timeout: float
+) -> dict:
+    """One run through ``python -m server.simulation`` in a fresh interpreter, its rounds printed as they
+    come. A matrix spans hours and sessions: each run then runs the tree's code as it is when the run
+    starts, as the app bundle ``flwr run`` builds does, instead of the runner's own, which read a newer
+    pyproject's defaults with an older config parser and stopped the matrix."""
+    config = dict(run_config)
+    resume = bool(config.pop("resume", False))
+    cmd = [
+        *(sys.executable, "-m", "server.simulation", "--supernodes", str(supernodes), "--preset", str(preset)),
+        *("--set", toml_overrides(config), "--results-dir", str(results_dir), "--name", run_name),
+        *("--timeout", str(timeout), *(["--resume"] if resume else [])),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SimulationError(
+            done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        )
+    return read_results(results_dir / run_name / "results.json")
+
+
+def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> list[str]:
+    """Run what is not finished yet; returns the runs that failed (the others go on without them)."""
     protocol = PROTOCOLS[name]
     todo = [(run, seed) for seed in seeds for run in runs]  # seed by seed: a partial matrix has every run
+    failed = []
     for i, (run, seed) in enumerate(todo, start=1):
         folder = run_folder(name, run, seed)
         if finished(folder):
@@ -155,21 +180,26 @@ def run_matrix(name: str, runs: Iterable[str], seeds: Iterable[int]) -> None:
         how = "resumed from its checkpoint" if resume else "flwr run"
         print(f"[{i}/{len(todo)}] {folder.name}: {how} with {protocol.supernodes} SuperNodes ...", flush=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        results = run_simulation(
-            {**protocol.overrides, **protocol.runs[run], "seed": seed, **({"resume": True} if resume else {})},
-            protocol.supernodes,
-            folder.parent,
-            folder.name,
-            preset=ROOT / "conf" / protocol.preset,
-            log_path=folder.parent / f"{folder.name}{'-resumed' if resume else ''}.log",
-            timeout=protocol.timeout_s,
-        )
+        try:
+            results = run_simulation(
+                {**protocol.overrides, **protocol.runs[run], "seed": seed, **({"resume": True} if resume else {})},
+                protocol.supernodes,
+                folder.parent,
+                folder.name,
+                preset=ROOT / "conf" / protocol.preset,
+                timeout=protocol.timeout_s,
+            )
+        except SimulationError as exc:
+            print(f"[{i}/{len(todo)}] {folder.name}: failed: {exc}", flush=True)
+            failed.append(folder.name)
+            continue
         s = results["summary"]
         print(
             f"[{i}/{len(todo)}] {folder.name}: {s['rounds']} rounds in {time.time() - start:.0f} s, "
             f"final acc {s['final_accuracy']:.4f}",
             flush=True,
         )
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -316,11 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown runs {unknown}; the {a.protocol} matrix has {', '.join(protocol.runs)}")
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(protocol.seeds)
-    if not a.summary_only:
-        run_matrix(a.protocol, runs, seeds)
+    failed = [] if a.summary_only else run_matrix(a.protocol, runs, seeds)
     summary = summarize_protocol(a.protocol)
     print(markdown_summary(summary))
     print(f"command: {Path(sys.executable).name} -m bench.compare {' '.join(sys.argv[1:])}")
+    if failed:
+        sys.exit(f"compare: {len(failed)} run(s) failed: {', '.join(failed)}; their logs lie beside their folders")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ def main() -> None:
     p.add_argument("--results-dir", type=Path, default=ROOT / "runs")
     p.add_argument("--name", default=None)
     p.add_argument("--resume", action="store_true", help="continue the killed run --name from its last checkpoint")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds the run may take before it is stopped")
     p.add_argument(
         "--ray-address",
         default=None,
@@ -293,6 +294,7 @@ def main() -> None:
             name,
             a.preset,
             log_path=log_path,
+            timeout=a.timeout,
             progress=lambda line: print(line, flush=True),
             ray_address=a.ray_address,
         )

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import subprocess
 
 import pytest
 
@@ -108,3 +109,37 @@ def test_a_run_that_lost_many_replies_to_client_errors_is_redone_and_left_out(la
     assert compare.lost_replies(data) == 0.5 and not compare.finished(folder)
     compare.run_matrix("toy", ["a"], [0])
     assert calls == [("a-s0", 0, False)] and (root / "toy" / "a-s0.partial").exists()
+
+
+def test_a_failed_run_is_reported_and_the_matrix_goes_on_without_it(lab, monkeypatch):
+    root, calls = lab
+    succeed = compare.run_simulation
+
+    def flaky(run_config, supernodes, results_dir, run_name, **kwargs):
+        if run_name == "a-s0":
+            raise compare.SimulationError("flwr run failed (exit 1)")
+        return succeed(run_config, supernodes, results_dir, run_name, **kwargs)
+
+    monkeypatch.setattr(compare, "run_simulation", flaky)
+    assert compare.run_matrix("toy", ["a", "b"], [0]) == ["a-s0"]
+    assert compare.finished(root / "toy" / "b-s0") and not compare.finished(root / "toy" / "a-s0")
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed: a-s0"):
+        compare.main(["--protocol", "toy", "--seeds", "0"])
+
+
+def test_each_run_starts_a_fresh_interpreter_with_the_runs_settings(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        _write_run(tmp_path / "x-s0", [0.5])
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    compare.run_simulation(
+        {"seed": 3, "strategy": "fedtiny", "resume": True}, 7, tmp_path, "x-s0", preset=tmp_path / "p.toml", timeout=60
+    )
+    cmd = seen["cmd"]
+    assert cmd[1:3] == ["-m", "server.simulation"] and cmd[cmd.index("--supernodes") + 1] == "7"
+    assert cmd[cmd.index("--set") + 1] == 'seed=3 strategy="fedtiny"' and "--resume" in cmd
+    assert cmd[cmd.index("--timeout") + 1] == "60"
