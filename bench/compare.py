@@ -145,9 +145,9 @@ def run_simulation(
     ]
     done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise SimulationError(
-            done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-        )
+        # the driver's own message ("simulation: ...", possibly several lines) ends its stderr
+        err = done.stderr.strip()
+        raise SimulationError(err[err.rfind("simulation: ") :] if "simulation: " in err else f"exit {done.returncode}")
     return read_results(results_dir / run_name / "results.json")
 
 
