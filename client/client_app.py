@@ -7,6 +7,11 @@ the last mask it received in ``context.state``, so unchanged masks never travel 
 train and CPU time, memory of this process and the activation bytes held for backward, and with the
 node's first reply a ``device`` ConfigRecord (architecture, cores, memory, Pi temperature/throttling).
 A node config ``memory-budget-mb`` makes the client shrink the batch until a step fits, or refuse.
+
+The run config's ``device`` (``auto``: CUDA where this node has it) says where training and evaluation
+run; it is not in the instructions because every ClientApp reads the run config anyway and resolves
+``auto`` on its own hardware. The wire stays numpy on the CPU: the model comes in there, moves to the
+device for the work, and everything that goes back comes back to the CPU first.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from client.data import ClientData, load_client_data, node_config_number
 from client.device import device_report, plan_batch_size
 from client.trainer import build_local_model, local_train
 from common.nn.training import evaluate
-from common.protocol.config import parse_run_config
+from common.protocol.config import parse_run_config, resolve_device
 from common.protocol.instructions import Instructions
 from common.protocol.wire import (
     ModelLayout,
@@ -50,27 +55,31 @@ class StaleMask(RuntimeError):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ins = Instructions.from_config(msg.content["train"])
-    data = load_client_data(parse_run_config(context.run_config), context.node_config)
+    cfg = parse_run_config(context.run_config)
+    device = resolve_device(cfg.device)
+    data = load_client_data(cfg, context.node_config)
     model, layout, masks = _received_model(msg, context, ins, data)
+    # planned on the CPU copy: the budget is the node's host memory, which a CPU step's bytes count against
     ins = _fit_memory_budget(model, data, ins, context)
     # a node without a partition id (its own data) keeps its streams apart by its node id
     ins = replace(ins, seed=ins.client_seed(data.partition_id if data.partition_id >= 0 else context.node_id))
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
-    result = local_train(model, masks, data.train, ins)
+    result = local_train(model.to(device), {name: m.to(device) for name, m in masks.items()}, data.train, ins)
     cpu_time = sum(process.cpu_times()[:2]) - cpu_before
+    model.cpu()  # what travels back is numpy, on the CPU
+    trained = {name: m.cpu() for name, m in result.masks.items()}
 
-    upload_masks = None if ins.mode in ("dense", "error-feedback") else result.masks
+    upload_masks = None if ins.mode in ("dense", "error-feedback") else trained
     content = RecordDict({"model": to_array_record(pack_values(model.state_dict(), layout, upload_masks))})
     if ins.adjust_local and ins.adjusting:
-        flips = {
-            name: (torch.nonzero((result.masks[name] != masks[name]).reshape(-1)).reshape(-1), None) for name in masks
-        }
+        flips = {name: (torch.nonzero((trained[name] != masks[name]).reshape(-1)).reshape(-1), None) for name in masks}
         content["flips"] = to_array_record(encode_positions(flips, layout, "flips"))
     if result.topk is not None:
-        content["topk"] = to_array_record(encode_positions(result.topk, layout, "topk"))
+        topk = {name: (positions.cpu(), values.cpu()) for name, (positions, values) in result.topk.items()}
+        content["topk"] = to_array_record(encode_positions(topk, layout, "topk"))
     if "device-reported" not in context.state:  # the device does not change between rounds
-        content["device"] = ConfigRecord({**device_report()})  # a dict of ConfigRecord's own value type
+        content["device"] = ConfigRecord({**device_report(device)})  # a dict of ConfigRecord's own value type
         context.state["device-reported"] = ConfigRecord({"at": time.time()})
     content["metrics"] = MetricRecord(
         {
@@ -112,9 +121,11 @@ def identity(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     ins = Instructions.from_config(msg.content["train"])
-    data = load_client_data(parse_run_config(context.run_config), context.node_config)
+    cfg = parse_run_config(context.run_config)
+    device = resolve_device(cfg.device)
+    data = load_client_data(cfg, context.node_config)
     model, _, _ = _received_model(msg, context, ins, data)
-    loss, accuracy = evaluate(model, data.val)
+    loss, accuracy = evaluate(model.to(device), data.val)
     metrics = MetricRecord({"num-examples": len(data.val), "eval-loss": loss, "eval-acc": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 

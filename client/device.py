@@ -22,6 +22,7 @@ from torch import nn
 from common.measure import runtime
 from common.measure.accounting import SavedTensorMeter
 from common.nn import bitkernels
+from common.protocol.config import describe_device
 
 _PI_MODEL = Path("/proc/device-tree/model")
 _THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
@@ -42,15 +43,16 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def device_report() -> dict[str, str | int | float]:
-    """Architecture, cores, memory, whether the native SAP kernels and huge-page allocation are in
-    use, and a Raspberry Pi's model, temperature and throttling flags."""
+def device_report(compute: torch.device) -> dict[str, str | int | float]:
+    """Architecture, cores, memory, the device training runs on (``compute``), whether the native SAP
+    kernels and huge-page allocation are in use, and a Raspberry Pi's model, temperature and throttling flags."""
     memory = psutil.virtual_memory()
     report: dict[str, str | int | float] = {
         "arch": platform.machine(),
         "cores": os.cpu_count() or 1,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch-device": describe_device(compute),
         "memory-total-mb": memory.total / 2**20,
         "memory-available-mb": memory.available / 2**20,
         "sap-kernels": bitkernels.status().split(" ", 1)[0],

@@ -4,6 +4,10 @@ One function, :func:`local_train`, runs every method's local round: masked SGD (
 exactly 0), BaE in FedMef's adjustment rounds (eq. 2-4), FedDST's own prune/grow halfway through the
 round, FedDIP's error feedback with incremental regularisation, and the top-K gradients of pruned
 positions afterwards. Flower stays out of this module; :mod:`client.client_app` wraps it.
+
+Everything runs on the device of the model and masks it is given (the CPU or a CUDA device); the data
+stay on the CPU, where batch order and augmentation draw from the round's generator, and each batch
+moves to that device as it is used (:func:`~common.nn.training.model_device`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from common.measure.accounting import SavedTensorMeter
 from common.nn.layers import _Masked, set_activation_sparsity
 from common.nn.models import Norm, build_model
 from common.nn.sap import seed_threshold_sampler
-from common.nn.training import TrainStats, batches, train_step
+from common.nn.training import TrainStats, batches, model_device, train_step
 from common.protocol.instructions import Instructions
 from common.pruning.adjustment import prune_and_grow
 from common.pruning.bae import budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
@@ -68,11 +72,15 @@ def planned_steps(examples: int, ins: Instructions) -> int:
     return min(steps, ins.max_local_steps) if ins.max_local_steps else steps
 
 
-def _stream(data: Split, ins: Instructions, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The round's training batches, randomly cropped and flipped per image when ``augment`` is on."""
+def _stream(
+    data: Split, ins: Instructions, generator: torch.Generator, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The round's training batches on ``device``, randomly cropped and flipped per image when
+    ``augment`` is on (on the CPU, so every device sees the same batches)."""
     for _ in range(ins.local_epochs):
         for images, labels in batches(data, ins.batch_size, generator):
-            yield (random_crop_flip(images, generator) if ins.augment else images), labels
+            images = random_crop_flip(images, generator) if ins.augment else images
+            yield images.to(device), labels.to(device)
 
 
 def effective_weight_gradients(
@@ -93,6 +101,7 @@ def effective_weight_gradients(
     models without BatchNorm, whose output for one example does not depend on the others).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _Masked)}
+    device = model_device(model)
     leaves = {f"{name}.weight": m.effective_weight().detach().requires_grad_() for name, m in layers.items()}
     overrides = {**leaves, **{f"{name}.mask": torch.ones_like(m.mask) for name, m in layers.items()}}
     sums = {key: torch.zeros_like(leaf) for key, leaf in leaves.items()}
@@ -103,6 +112,7 @@ def effective_weight_gradients(
     seen, held = 0, 0
     try:
         for images, labels in batches(data, batch_size, generator):
+            images, labels = images.to(device), labels.to(device)
             for chunk, chunk_labels in zip(
                 images.split(micro_batch or len(images)), labels.split(micro_batch or len(labels)), strict=True
             ):
@@ -182,7 +192,8 @@ def _error_feedback_forward(model: nn.Module, masks: Masks) -> Callable[[torch.T
 
 
 def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) -> LocalResult:
-    """Run one round of local training in place on ``model`` (whose weights the server just sent)."""
+    """Run one round of local training in place on ``model`` (whose weights the server just sent), on
+    the device that ``model`` and ``masks`` are on; the result's tensors are on that device too."""
     if len(data) == 0:
         raise ValueError("this client has no training examples; check its partition")
     generator = torch.Generator().manual_seed(ins.seed)
@@ -219,7 +230,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     stats = TrainStats()
     start = time.perf_counter()
     try:
-        for images, labels in _stream(data, ins, generator):
+        for images, labels in _stream(data, ins, generator, model_device(model)):
             if stats.steps >= total:
                 break
             if ins.adjust_local and ins.adjusting and stats.steps == total // 2:
@@ -277,6 +288,7 @@ def _adjust_locally(
 
 def _held_activation_bytes(model: nn.Module, forward: Callable | None, images: torch.Tensor) -> int:
     """Bytes autograd keeps for backward after one forward pass (measured, not estimated)."""
+    images = images.to(model_device(model))
     with SavedTensorMeter(model) as meter:
         out = (forward or model)(images)
     del out

@@ -28,8 +28,10 @@ from common.protocol.config import ConfigError, RunConfig
 FORMAT = 1
 NAME = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
-# Keys a resumed run may change: where data lives and how long to wait, nothing that changes the maths.
-OPERATIONAL_KEYS = frozenset({"resume", "round-timeout", "node-wait-timeout", "data-dir", "download"})
+# Keys a resumed run may change: where data lives, how long to wait and what hardware computes, nothing
+# that changes the maths (a CUDA device rounds differently from the CPU, but runs the same method). A
+# checkpoint from before the `device` key (absent: the CPU) resumes under any value.
+OPERATIONAL_KEYS = frozenset({"resume", "round-timeout", "node-wait-timeout", "data-dir", "download", "device"})
 
 
 def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:

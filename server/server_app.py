@@ -29,7 +29,7 @@ from common.data.datasets import DataError, Split, load_dataset
 from common.measure import runtime
 from common.nn.models import Norm, build_model
 from common.nn.training import evaluate
-from common.protocol.config import ConfigError, RunConfig, parse_run_config
+from common.protocol.config import ConfigError, RunConfig, describe_device, parse_run_config, resolve_device
 from common.pruning.masks import Masks, load_masks, sparsity
 from server.checkpoint import NAME, check_resumable, discard_checkpoints, load_checkpoint, save_checkpoint
 from server.plots import plot_runs
@@ -56,10 +56,11 @@ def global_model(cfg: RunConfig, num_classes: int, in_channels: int) -> nn.Modul
 
 
 class GlobalEvaluator:
-    """Accuracy of the global model on the (optionally capped) test set, in a no-SAP copy of the model."""
+    """Accuracy of the global model on the (optionally capped) test set, in a no-SAP copy of the model
+    on ``device`` (the strategy's own weights and masks stay on the CPU, beside the wire)."""
 
-    def __init__(self, cfg: RunConfig, test: Split, num_classes: int, in_channels: int):
-        self.model = global_model(cfg, num_classes, in_channels)
+    def __init__(self, cfg: RunConfig, test: Split, num_classes: int, in_channels: int, device: torch.device):
+        self.model = global_model(cfg, num_classes, in_channels).to(device)
         self.test = test
         self.batch_size = cfg.eval_batch_size
 
@@ -98,11 +99,12 @@ def round_evaluation(
     return evaluate_round
 
 
-def provenance(grid: Grid) -> dict:
+def provenance(grid: Grid, device: torch.device) -> dict:
     """What produced a run, for its results file: the app bundle Flower ran (its hash names the code
     exactly; in simulation and on the devices there is no git checkout), the commit when the launcher
-    knows it (``FEDMEF_COMMIT``, set by :mod:`server.simulation`), versions, the server's device and
-    allocator, and how many nodes were connected at the start. Each client adds its own in ``device``."""
+    knows it (``FEDMEF_COMMIT``, set by :mod:`server.simulation`), versions, the device the server
+    evaluates on and its allocator, and how many nodes were connected at the start. Each client adds
+    its own in ``device``."""
     run = grid.run
     return {
         "host": platform.node(),
@@ -111,7 +113,7 @@ def provenance(grid: Grid) -> dict:
         "flwr": importlib.metadata.version("flwr"),
         "torch": str(torch.__version__),
         "python": platform.python_version(),
-        "device": "cpu",
+        "device": describe_device(device),
         "allocator": runtime.allocator(),
         "nodes_at_start": len(list(grid.get_node_ids())),
     }
@@ -126,6 +128,7 @@ def run_dir(cfg: RunConfig) -> Path:
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = parse_run_config(context.run_config)
+        device = resolve_device(cfg.device)
         data = load_dataset(cfg.dataset, cfg.data_dir or None, download=cfg.download)
         out = run_dir(cfg)
         saved = load_checkpoint(out) if cfg.resume else None
@@ -146,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
         test = Split(test.images[: cfg.max_test_examples], test.labels[: cfg.max_test_examples])
     template = global_model(cfg, data.num_classes, data.in_channels)
-    evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels)
+    evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels, device)
     strategy = make_strategy(cfg, template, evaluator, max_train_size=len(data.train))
     if saved is None:
         results = ResultsLog(
@@ -159,7 +162,7 @@ def main(grid: Grid, context: Context) -> None:
                 "bae": cfg.bae_on,
                 "started": datetime.now(UTC).isoformat(),
                 "test_examples": len(test),
-                **provenance(grid),
+                **provenance(grid, device),
             },
         )
     else:

@@ -8,6 +8,10 @@ benchmarks and the end-to-end test call :func:`run_simulation` the same way.
 module stops every Flower process that belongs to its private ``FLWR_HOME`` and treats a run as
 successful only when the ServerApp wrote its results file.
 
+Ray shows a simulated client no GPU unless it asks for a share of one: with ``--gpus-per-client``
+(0.25: four clients share a GPU) the clients can train on CUDA (run-config ``device``); without it they
+train on the CPU, while the ServerApp, outside Ray, evaluates on CUDA where there is one.
+
 With ``--ray-address`` the clients run on an existing Ray cluster (several machines) instead of a Ray
 started for the run. Flower's federation config has no field for that: its Ray backend calls
 ``ray.init()`` without an address, which joins the cluster named by ``RAY_ADDRESS``.
@@ -197,12 +201,14 @@ def run_simulation(
     cpus_per_client: int = 1,
     progress: Callable[[str], None] | None = None,
     ray_address: str | None = None,
+    gpus_per_client: float = 0.0,
 ) -> dict:
     """``flwr run . --stream`` with the given overrides; returns the results the ServerApp wrote.
 
     With a ``log_path``, ``progress`` gets each round's line of the ServerApp as it comes.
     ``ray_address`` (``HOST:PORT`` of a Ray cluster's head) runs the clients on that cluster's nodes
-    instead of a Ray started for this run; this machine must be one of its nodes."""
+    instead of a Ray started for this run; this machine must be one of its nodes. ``gpus_per_client``
+    is the share of a GPU Ray gives each client (0: none, so the clients compute on the CPU)."""
     results_dir = results_dir.resolve()
     # flwr run takes either a TOML file or k=v pairs, not both: merge the preset in here
     preset_values = tomllib.loads(preset.read_text()) if preset is not None else {}
@@ -217,6 +223,9 @@ def run_simulation(
     parse_run_config({**defaults, **overrides})
     if ray_address is not None:
         check_ray_address(ray_address)
+    resources = f"client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_client > 0:
+        resources += f" client-resources-num-gpus={gpus_per_client}"
     cmd = [
         str(Path(sys.executable).parent / "flwr"),
         "run",
@@ -225,7 +234,7 @@ def run_simulation(
         "--run-config",
         toml_overrides(overrides),
         "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+        f"num-supernodes={num_supernodes} {resources}",
     ]
     results = results_dir / run_name / "results.json"
     if results.exists() and not overrides.get("resume"):
@@ -272,6 +281,14 @@ def main() -> None:
         help="run the clients on this Ray cluster (its head's `ray start --head --port`), of which this machine "
         "is a node, instead of on a Ray started for the run",
     )
+    p.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="the share of a GPU each simulated client gets (0.25: four per GPU), so device = 'auto' or 'cuda' "
+        "trains the clients on CUDA; 0 (default): the clients see no GPU",
+    )
     a = p.parse_args()
     overrides = {}
     if a.set:
@@ -297,6 +314,7 @@ def main() -> None:
             timeout=a.timeout,
             progress=lambda line: print(line, flush=True),
             ray_address=a.ray_address,
+            gpus_per_client=a.gpus_per_client,
         )
     except (ConfigError, SimulationError) as exc:
         sys.exit(f"simulation: {exc}")

@@ -40,7 +40,7 @@ from torch import nn
 
 from common.methods import METHODS, Mode
 from common.protocol.config import RunConfig
-from common.protocol.instructions import Instructions
+from common.protocol.instructions import Instructions, round_instructions
 from common.protocol.wire import (
     ModelLayout,
     WireError,
@@ -67,7 +67,6 @@ from common.pruning.schedules import (
     feddip_lambda,
     feddip_sparsity,
     is_adjustment_round,
-    round_learning_rate,
 )
 from server.bounds import beyond_round, state_norm, update_distance
 from server.fleet import (
@@ -197,36 +196,7 @@ class SparseStrategy(Strategy):
         return random_masks(self.layout.masked_shapes, self.cfg.param_sparsity, density, self.generator)
 
     def instructions(self, server_round: int) -> Instructions:
-        cfg = self.cfg
-        return Instructions(
-            server_round=server_round,
-            model=cfg.model,
-            width=cfg.width,
-            norm=cfg.resolved_norm,
-            s_ta=cfg.s_ta if cfg.sap_on else -1.0,
-            sap_linear=cfg.sap_linear,
-            gamma=cfg.gamma,
-            mode=self.mode,
-            mask_version=self.mask_version,
-            lr=round_learning_rate(cfg.lr, cfg.lr_decay, server_round),
-            eta0=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            local_epochs=cfg.local_epochs,
-            max_local_steps=cfg.max_local_steps,
-            batch_size=cfg.batch_size,
-            augment=cfg.augment,
-            seed=cfg.seed * 100_003 + server_round,
-            counts=[],
-            bae=False,
-            bae_lambda=cfg.bae_lambda,
-            bae_step=cfg.bae_step,
-            topk=False,
-            grad_batches=cfg.grad_batches,
-            topk_pass=cfg.topk_pass,
-            adjust_local=False,
-            reg_lambda=0.0,
-        )
+        return round_instructions(self.cfg, server_round, self.mode, self.mask_version)
 
     def adjustment_counts(self, server_round: int) -> list[int]:
         """ξ_l per masked layer in an adjustment round (cosine schedule of §4.1), else empty."""

@@ -24,3 +24,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(
+    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def device(request) -> torch.device:
+    """Each device a test runs on: the CPU always, a CUDA device where torch sees one (skipped elsewhere)."""
+    return torch.device(request.param)

@@ -4,8 +4,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
-from common.protocol.config import ConfigError, RunConfig, parse_run_config
+from common.protocol.config import ConfigError, RunConfig, describe_device, parse_run_config, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,3 +74,37 @@ def test_ints_are_accepted_for_floats():
 def test_run_config_defaults_are_the_apps_defaults():
     # one set of defaults: a caller passing a partial mapping gets exactly what `flwr run` would
     assert RunConfig().as_dict() == app_config()
+
+
+def test_device_is_auto_cpu_or_cuda():
+    assert parse_run_config({}).device == "auto"
+    with pytest.raises(ConfigError, match="device = 'gpu': choose one of auto, cpu, cuda"):
+        parse_run_config({"device": "gpu"})
+    with pytest.raises(ConfigError, match="choose one of auto, cpu, cuda"):
+        resolve_device("cuda:1")
+
+
+def test_auto_is_this_machines_cuda_device_or_else_the_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device("cpu") == torch.device("cpu") and describe_device(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("cuda_build", [None, "12.4"], ids=["cpu-build", "cuda-build"])
+def test_cuda_without_a_cuda_device_says_what_to_do(monkeypatch, cuda_build):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what Ray gives a simulated client without a GPU share
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError) as err:
+        resolve_device("cuda")
+    text = str(err.value)
+    assert "set device = 'auto'" in text and "make TORCH=cuda" in text and "--gpus-per-client" in text
+    assert ("CPU-only build" in text) == (cuda_build is None)
+    assert ("CUDA_VISIBLE_DEVICES=''" in text) == (cuda_build is not None)
+
+
+def test_cuda_is_chosen_where_torch_sees_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -309,6 +309,25 @@ def test_pruned_weights_stay_zero_from_fresh_optimizer():
     assert M.weight_sparsity(M.prunable_weights(model).values()) == pytest.approx(M.sparsity(masks))
 
 
+def test_masks_from_the_wire_hold_pruned_weights_at_zero_on_any_device(device):
+    """A client loads the CPU masks it decoded into a model on its device, then trains there."""
+    model = _Small(ns=True).to(device)
+    masks = M.random_masks(M.weight_shapes(model), 0.8, generator=torch.Generator().manual_seed(2))
+    M.load_masks(model, masks)
+    assert all(m.device.type == device.type for m in M.model_masks(model).values())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    on_device = {name: m.to(device) for name, m in masks.items()}
+    M.keep_pruned_at_zero(opt, model, on_device)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        opt.zero_grad()
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        opt.step()
+    pruned = _pruned_values(model, on_device)
+    assert torch.equal(pruned, torch.zeros_like(pruned)) and bool((_active_values(model, on_device) != 0).all())
+
+
 # ----------------------------------------------------------------------------- counting
 
 

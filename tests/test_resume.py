@@ -10,7 +10,7 @@ from test_strategy import run_config as strategy_config
 
 from common.data.datasets import Split, load_dataset
 from common.nn.models import build_model
-from common.protocol.config import ConfigError, parse_run_config
+from common.protocol.config import ConfigError, parse_run_config, resolve_device
 from server.checkpoint import (
     NAME,
     PREVIOUS,
@@ -53,7 +53,9 @@ def strategy_for(fmnist, rc: dict):
     cfg = parse_run_config(rc)
     torch.manual_seed(cfg.seed)  # the ServerApp's seed: the same initial model in every start
     template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
-    evaluator = GlobalEvaluator(cfg, Split(fmnist.test.images[:100], fmnist.test.labels[:100]), 10, 1)
+    evaluator = GlobalEvaluator(
+        cfg, Split(fmnist.test.images[:100], fmnist.test.labels[:100]), 10, 1, resolve_device(cfg.device)
+    )
     return make_strategy(cfg, template, evaluator, max_train_size=len(fmnist.train))
 
 
@@ -173,6 +175,9 @@ def test_a_checkpoint_runs_no_code_when_read(tmp_path):
 def test_a_resumed_run_may_change_where_it_waits_and_reads_but_not_what_it_computes():
     saved = parse_run_config(run_config()).as_dict()
     check_resumable(saved, {**saved, "resume": True, "round-timeout": 60.0, "data-dir": "/elsewhere"})
+    # the hardware too, and a checkpoint from before the device key resumes under the new default
+    check_resumable(saved, {**saved, "resume": True, "device": "cuda"})
+    check_resumable({k: v for k, v in saved.items() if k != "device"}, {**saved, "resume": True})
     with pytest.raises(ConfigError, match=r"lr = 0.05 -> 0.1.*seed = 42 -> 1"):
         check_resumable(saved, {**saved, "resume": True, "lr": 0.1, "seed": 1})
 

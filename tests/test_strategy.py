@@ -14,7 +14,7 @@ import server.strategy
 from common.data.datasets import Split, load_dataset
 from common.methods import METHODS
 from common.nn.models import build_model
-from common.protocol.config import parse_run_config
+from common.protocol.config import describe_device, parse_run_config, resolve_device
 from common.protocol.wire import decode_positions, from_array_record, to_array_record
 from common.pruning.adjustment import sum_topk_gradients
 from common.pruning.schedules import feddip_sparsity
@@ -54,7 +54,7 @@ def federation(fmnist, tamper=None, **overrides):
     template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
     test = Split(fmnist.test.images[:200], fmnist.test.labels[:200])
     records: list[dict] = []
-    evaluator = GlobalEvaluator(cfg, test, 10, 1)
+    evaluator = GlobalEvaluator(cfg, test, 10, 1, resolve_device(cfg.device))
     strategy = make_strategy(cfg, template, evaluator, max_train_size=len(fmnist.train))
     strategy.evaluate_round = round_evaluation(strategy, evaluator, records.append)
     return strategy, LoopbackGrid(NODES, rc, tamper), records
@@ -447,10 +447,37 @@ def test_first_reply_reports_the_device_and_a_memory_budget_adapts_or_refuses(fm
     assert set(clients) == {nodes[0], nodes[2]}
     assert clients[nodes[0]]["batch_size"] == 64
     assert clients[nodes[0]]["device"]["cores"] >= 1 and clients[nodes[0]]["device"]["arch"]
+    assert clients[nodes[0]]["device"]["torch-device"] == describe_device(resolve_device("auto"))
     [refused] = strategy.round_record()["rejected"]
     assert refused["node_id"] == nodes[1] and "memory-budget-mb" in refused["reason"]
     replies = train_round(strategy, grid, 2)
     assert all("device" not in r.content for r in replies if not r.has_error())  # reported once
+
+
+def test_on_a_machine_without_cuda_auto_trains_and_evaluates_exactly_as_cpu(fmnist, monkeypatch):
+    """The default `auto` is the CPU path there, through the ClientApp and the server's evaluation
+    alike (BaE and top-K in round 2)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def run(device: str):
+        torch.manual_seed(0)
+        strategy, grid, records = federation(fmnist, device=device)
+        play(strategy, grid, 2)
+        return strategy, [r["accuracy"] for r in records]
+
+    (cpu, cpu_accuracy), (auto, auto_accuracy) = run("cpu"), run("auto")
+    assert all(torch.equal(value, cpu.global_state()[key]) for key, value in auto.global_state().items())
+    assert all(torch.equal(mask, cpu.masks[key]) for key, mask in auto.masks.items())
+    assert auto_accuracy == cpu_accuracy and len(auto_accuracy) == 3
+
+
+def test_cuda_on_a_node_without_it_fails_the_run_with_what_to_do(fmnist, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    strategy, grid, _ = federation(fmnist)
+    for context in grid.contexts.values():
+        context.run_config["device"] = "cuda"
+    with pytest.raises(FleetError, match=f"every one of the {NODES} nodes.*device = 'cuda'.*set device = 'auto'"):
+        play(strategy, grid, 1)
 
 
 # ---------------------------------------------------------------------------------------------- interface

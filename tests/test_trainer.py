@@ -1,5 +1,6 @@
 """Local training as instructed: the adjustment round's gradient pass, exact and within a SAP step's memory."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -69,3 +70,34 @@ def test_sap_and_exact_passes_differ_only_where_sap_prunes_activations():
         for n in exact.topk
     ]
     assert min(overlaps) < 1.0  # SAP's gradients are an approximation
+
+
+def test_a_round_on_a_device_is_the_cpu_round(device):
+    """On the CPU every move is a no-op: the round is bit for bit that of a model that never moved (the
+    client's path before the device key). On CUDA it is the same round up to float rounding."""
+    model, masks, data, ins = _setup()
+    assert ins.bae and ins.topk  # SAP, BaE and the top-K pass all run
+    unmoved = copy.deepcopy(model)
+    reference = local_train(unmoved, {name: m.clone() for name, m in masks.items()}, data, ins)
+    result = local_train(model.to(device), {name: m.to(device) for name, m in masks.items()}, data, ins)
+    assert result.topk is not None and reference.topk is not None
+    assert all(t.device.type == device.type for t in [*model.state_dict().values(), *result.masks.values()])
+    assert all(t.device.type == device.type for pair in result.topk.values() for t in pair)
+    state = {key: value.cpu() for key, value in model.state_dict().items()}
+    if device.type == "cpu":
+        assert all(torch.equal(state[key], value) for key, value in unmoved.state_dict().items())
+        assert all(torch.equal(result.topk[n][i], reference.topk[n][i]) for n in reference.topk for i in (0, 1))
+        assert (result.loss, result.activation_bytes, result.topk_micro_batch, result.marked_norm_end) == (
+            reference.loss,
+            reference.activation_bytes,
+            reference.topk_micro_batch,
+            reference.marked_norm_end,
+        )
+    else:
+        for key, value in unmoved.state_dict().items():
+            assert torch.allclose(state[key].float(), value.float(), rtol=1e-2, atol=1e-3), key
+        assert abs(result.loss - reference.loss) < 1e-2 * reference.loss
+        assert abs(result.activation_bytes - reference.activation_bytes) < 0.05 * reference.activation_bytes
+        for name, (positions, _) in result.topk.items():  # as many positions, all of them pruned
+            assert len(positions) == len(reference.topk[name][0])
+            assert not bool(masks[name].reshape(-1)[positions.cpu()].any())

@@ -61,7 +61,8 @@ def keep_threshold(x: torch.Tensor, s_ta: float) -> float | None:
     flat = x.detach().reshape(-1)
     if n <= THRESHOLD_SAMPLE:
         return float(flat.abs().kthvalue(n - keep).values)
-    sample = flat[torch.randint(n, (THRESHOLD_SAMPLE,), generator=_sampler)].abs()
+    # drawn from the CPU generator on every device, so CPU and CUDA sample the same positions
+    sample = flat[torch.randint(n, (THRESHOLD_SAMPLE,), generator=_sampler).to(flat.device)].abs()
     rank = min(THRESHOLD_SAMPLE, max(1, math.ceil((1.0 - keep / n) * THRESHOLD_SAMPLE)))
     return float(sample.kthvalue(rank).values)
 

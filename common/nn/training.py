@@ -24,6 +24,13 @@ def batches(
         yield split.images[idx], split.labels[idx]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live, and so where its batches must go. The data stay on the CPU,
+    where the batch order and augmentation draw from their CPU generators, and each batch moves on its
+    own: on the CPU that move is a no-op, so CPU training is what it was before devices existed."""
+    return next(model.parameters()).device
+
+
 @dataclass
 class TrainStats:
     steps: int = 0
@@ -67,9 +74,11 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[flo
     """(mean cross-entropy, accuracy) of ``model`` on ``split``."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     loss_sum, correct = 0.0, 0
     try:
         for images, labels in batches(split, batch_size, torch.Generator(), shuffle=False):
+            images, labels = images.to(device), labels.to(device)
             logits = model(images)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())

@@ -9,9 +9,13 @@ accepted values, so a typo in a 300-round experiment fails in the first second, 
 from __future__ import annotations
 
 import difflib
+import os
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, cast
+
+import torch
 
 from common.methods import METHODS, Method
 from common.nn.models import DEFAULT_WIDTH, MODELS, NORMS, WIDTH_MODELS
@@ -26,6 +30,8 @@ TOPK_PASSES = ("exact", "sap")
 # How BaE applies its penalty (common.pruning.bae): in the loss, through the optimizer and its momentum,
 # or as the penalty's own proximal step after each optimizer step.
 BAE_STEPS = ("loss", "proximal")
+# Where the tensors live: every process resolves `auto` on its own hardware (resolve_device).
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -87,6 +93,7 @@ class RunConfig:
     seed: int = 42
     eval_batch_size: int = 512
     max_test_examples: int = 2000
+    device: str = "auto"
     results_dir: str = "runs"
     run_name: str = ""
     resume: bool = False
@@ -165,6 +172,7 @@ def _range_errors(c: RunConfig) -> list[str]:
     choice("partitioner", c.partitioner, PARTITIONERS)
     choice("density", c.density, ("erk", "uniform"))
     choice("topk-pass", c.topk_pass, TOPK_PASSES)
+    choice("device", c.device, DEVICES)
     need(
         c.max_update_ratio > 1.0,
         f"max-update-ratio = {c.max_update_ratio}: must be > 1 (10 rejects only gross outliers)",
@@ -249,3 +257,38 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
             "invalid run config (fix [tool.flwr.app.config] or --run-config):\n  - " + "\n  - ".join(errors)
         )
     return RunConfig(**kwargs)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device that the run-config value ``device`` means in this process.
+
+    ``auto`` is CUDA where torch sees a CUDA device and the CPU elsewhere, so the server and every
+    client each choose on their own hardware; ``cuda`` insists, and without a CUDA device raises a
+    ConfigError that says what to change (raised where it runs: the ServerApp's log, or the client's
+    error reply, which the server records and reports when a whole round fails).
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"device = {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is a CPU-only build"
+        else:  # Ray hides the GPUs from a simulated client that asked for none: CUDA_VISIBLE_DEVICES=''
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = f"torch {torch.__version__} finds no CUDA device (CUDA_VISIBLE_DEVICES={visible!r})"
+        raise ConfigError(
+            f"device = 'cuda', but {why} on {platform.node()}: set device = 'auto' (CUDA where there is "
+            "one, else the CPU) or 'cpu'; or install the CUDA build of torch ('make TORCH=cuda') on a machine "
+            "with an NVIDIA GPU; in Flower's simulation give the clients GPUs "
+            "('python -m server.simulation --gpus-per-client 0.25')"
+        )
+    return torch.device("cuda")
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or a CUDA device with its name and memory, for the results' provenance."""
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return f"cuda: {props.name}, {props.total_memory / 2**30:.0f} GiB"

@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from common.methods import MODES
-from common.protocol.config import BAE_STEPS, TOPK_PASSES, typed_value
+from common.protocol.config import BAE_STEPS, TOPK_PASSES, RunConfig, typed_value
+from common.pruning.schedules import round_learning_rate
 
 
 class ProtocolError(ValueError):
@@ -97,3 +98,38 @@ class Instructions:
         if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
             raise ProtocolError("batch-size and local-epochs must be >= 1 and lr > 0")
         return ins
+
+
+def round_instructions(cfg: RunConfig, server_round: int, mode: str, mask_version: int) -> Instructions:
+    """Round ``server_round``'s instructions under ``cfg`` as every method's server starts them: no
+    adjustment (a method's strategy adds its counts, BaE, top-K, FedDST's or FedDIP's part), the
+    round's decayed learning rate and the round's seed."""
+    return Instructions(
+        server_round=server_round,
+        model=cfg.model,
+        width=cfg.width,
+        norm=cfg.resolved_norm,
+        s_ta=cfg.s_ta if cfg.sap_on else -1.0,
+        sap_linear=cfg.sap_linear,
+        gamma=cfg.gamma,
+        mode=mode,
+        mask_version=mask_version,
+        lr=round_learning_rate(cfg.lr, cfg.lr_decay, server_round),
+        eta0=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        local_epochs=cfg.local_epochs,
+        max_local_steps=cfg.max_local_steps,
+        batch_size=cfg.batch_size,
+        augment=cfg.augment,
+        seed=cfg.seed * 100_003 + server_round,
+        counts=[],
+        bae=False,
+        bae_lambda=cfg.bae_lambda,
+        bae_step=cfg.bae_step,
+        topk=False,
+        grad_batches=cfg.grad_batches,
+        topk_pass=cfg.topk_pass,
+        adjust_local=False,
+        reg_lambda=0.0,
+    )

@@ -142,10 +142,10 @@ def load_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def apply_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Set pruned weights to exactly 0."""
+    """Set pruned weights to exactly 0 (masks on any device: a CPU mask from the wire zeroes a CUDA model)."""
     weights = prunable_weights(model)
     for name, mask in masks.items():
-        weights[name].mul_(mask.to(weights[name].dtype))
+        weights[name].mul_(mask.to(weights[name].device, weights[name].dtype))
 
 
 @torch.no_grad()
@@ -155,7 +155,7 @@ def mask_gradients_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None
     for name, mask in masks.items():
         grad = weights[name].grad
         if grad is not None:
-            grad.mul_(mask.to(grad.dtype))
+            grad.mul_(mask.to(grad.device, grad.dtype))
 
 
 def keep_pruned_at_zero(optimizer: torch.optim.Optimizer, model: nn.Module, masks: Mapping[str, torch.Tensor]):
