@@ -124,7 +124,7 @@ def _fit_memory_budget(model: nn.Module, data: ClientData, ins: Instructions, co
     if "memory-budget-mb" not in context.node_config:
         return ins
     budget = node_config_number(context.node_config, "memory-budget-mb", "a number of MB above 0", lambda mb: mb > 0)
-    plan = plan_batch_size(model, data.train.images[:1], ins.batch_size, budget)  # MemoryBudgetError: refuse
+    plan = plan_batch_size(model, data.train.inputs(slice(0, 1)), ins.batch_size, budget)  # MemoryBudgetError: refuse
     if not plan.adapted:
         return ins
     log(
