@@ -20,7 +20,7 @@ import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.logger import log
+from flwr.common import log
 from torch import nn
 
 from client.data import ClientData, load_client_data, node_config_number
