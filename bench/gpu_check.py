@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from client.trainer import build_local_model, local_train
-from common.data.datasets import Split, load_dataset
+from common.data.datasets import STANDARDISATIONS, Split, load_dataset
 from common.measure.accounting import SavedTensorMeter
 from common.nn import bitkernels
 from common.nn.layers import Pool2d, ReLU, SparseConv2d, SparseLinear
@@ -165,10 +165,11 @@ def training_data(data_dir: Path | None, examples: int) -> tuple[Split, str]:
     """``examples`` CIFAR-10 training images from ``data_dir``, or synthetic ones (None)."""
     if data_dir is not None:
         train = load_dataset("cifar10", data_dir).train
-        return Split(train.images[:examples].clone(), train.labels[:examples].clone()), str(data_dir)
+        return train.subset(slice(0, examples)), str(data_dir)
     generator = torch.Generator().manual_seed(SEED)
-    images = torch.randn(examples, 3, 32, 32, generator=generator)
-    return Split(images, torch.randint(0, 10, (examples,), generator=generator)), "synthetic"
+    pixels = torch.randint(0, 256, (examples, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (examples,), generator=generator)
+    return Split(pixels, labels, STANDARDISATIONS["cifar10"]), "synthetic"
 
 
 def local_rounds(

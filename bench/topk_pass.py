@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         if stats.steps >= a.steps:
             break
     counts = adjust_counts(masks, 0.4)
-    step_bytes = _held_activation_bytes(model, None, data.train.images[: a.batch].clone())
+    step_bytes = _held_activation_bytes(model, None, data.train.inputs(slice(0, a.batch)))
 
     def run(micro: int | None, sap: bool) -> tuple[dict, int]:
         set_activation_sparsity(model, 0.9 if sap else None)

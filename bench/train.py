@@ -57,11 +57,7 @@ def run(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     keep_pruned_at_zero(optimizer, model, masks)
     gen = torch.Generator().manual_seed(seed)
-    test = (
-        data.test
-        if test_limit is None
-        else type(data.test)(data.test.images[:test_limit], data.test.labels[:test_limit])
-    )
+    test = data.test if test_limit is None else data.test.subset(slice(0, test_limit))
     curve, stats, window = [], TrainStats(), TrainStats()
     start = time.perf_counter()
     while stats.steps < steps:

@@ -25,7 +25,7 @@ import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.logger import log
+from flwr.common import log
 from torch import nn
 
 from client.data import ClientData, load_client_data, node_config_number
@@ -135,7 +135,7 @@ def _fit_memory_budget(model: nn.Module, data: ClientData, ins: Instructions, co
     if "memory-budget-mb" not in context.node_config:
         return ins
     budget = node_config_number(context.node_config, "memory-budget-mb", "a number of MB above 0", lambda mb: mb > 0)
-    plan = plan_batch_size(model, data.train.images[:1], ins.batch_size, budget)  # MemoryBudgetError: refuse
+    plan = plan_batch_size(model, data.train.inputs(slice(0, 1)), ins.batch_size, budget)  # MemoryBudgetError: refuse
     if not plan.adapted:
         return ins
     log(

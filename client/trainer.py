@@ -166,9 +166,9 @@ def _fitting_micro_batch(model: nn.Module, data: Split, batch_size: int, budget:
     not shrink with the micro-batch."""
     if len(data) < 4:
         return 1
-    probe = Split(data.images[:4].clone(), data.labels[:4].clone())
+    probe = data.subset(slice(0, 4))
     held = [effective_weight_gradients(model, probe, n, 1, torch.Generator(), micro_batch=n)[1] for n in (2, 4)]
-    input_bytes = probe.images[0].numel() * probe.images.element_size()
+    input_bytes = probe.inputs(slice(0, 1)).nbytes  # as the model takes it: float32, not the stored pixels
     per_example = (held[1] - held[0]) / 2
     fixed = held[0] - 2 * per_example
     inner = max(per_example - input_bytes, 1.0)  # what one more example adds beyond its own input

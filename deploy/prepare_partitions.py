@@ -6,11 +6,11 @@
 The data set, partitioner, Dirichlet alpha, validation share and seed come from the run config exactly
 as the simulation reads it (``[tool.flwr.app.config]`` in pyproject.toml, then ``--preset``, then
 ``--set``), so device N holds what simulated SuperNode N-1 of N holds. Each file is an ``.npz`` with
-x_train, y_train, x_val, y_val (float32 N x C x H x W standardised images, int64 labels) and ``meta``
+x_train, y_train, x_val, y_val (uint8 N x C x H x W images, int64 labels) and ``meta``
 (data set, classes, image shape, partition N-1 of how many, partitioner, alpha, seed, validation share,
 example cap, format version): what :mod:`client.data` reads, and checks against the run, when a
-SuperNode's node config names it as ``data-path``. A file made before the metadata existed is refused
-there: rerun this to remake it.
+SuperNode's node config names it as ``data-path``. A file of an older format (without metadata, or
+format version 1's float32 images) is refused there: rerun this to remake it.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
     test = data.test
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
-        test = Split(test.images[: cfg.max_test_examples], test.labels[: cfg.max_test_examples])
+        test = test.subset(slice(0, cfg.max_test_examples))
     template = global_model(cfg, data.num_classes, data.in_channels)
     evaluator = GlobalEvaluator(cfg, test, data.num_classes, data.in_channels, device)
     strategy = make_strategy(cfg, template, evaluator, max_train_size=len(data.train))

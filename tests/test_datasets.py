@@ -77,13 +77,14 @@ def test_fashion_mnist_loads_idx(tmp_path, gz):
     ds = load_fashion_mnist(tmp_path)
     assert ds.name == "fashion-mnist" and ds.num_classes == 10 and ds.in_channels == 1
     assert ds.train.images.shape == (5, 1, 28, 28) and ds.test.images.shape == (3, 1, 28, 28)
-    assert ds.train.images.dtype == torch.float32
+    assert ds.train.images.dtype == torch.uint8  # held as the file's pixels, standardised per batch
     assert ds.train.labels.dtype == torch.int64
     assert ds.train.labels.tolist() == [0, 1, 2, 3, 4]
     assert ds.test.labels.tolist() == [0, 3, 6]
     assert len(ds.train) == 5 and len(ds.test) == 3
+    assert torch.equal(ds.train.images[:, 0], torch.from_numpy(parts["train-images-idx3-ubyte"]))
     expected = (torch.from_numpy(parts["train-images-idx3-ubyte"]).float() / 255 - FM_MEAN) / FM_STD
-    torch.testing.assert_close(ds.train.images[:, 0], expected)
+    torch.testing.assert_close(ds.train.inputs(slice(None))[:, 0], expected)
     # through the dispatcher too
     ds2 = load_dataset("fashion-mnist", tmp_path)
     assert torch.equal(ds2.test.images, ds.test.images)
@@ -173,7 +174,8 @@ def _check_cifar(ds, n_train=4, n_test=2):
     assert ds.test.labels.tolist() == [9, 1][:n_test]
     for c, v in enumerate((0, 128, 255)):
         expected = (v / 255 - C10_MEAN[c]) / C10_STD[c]
-        torch.testing.assert_close(ds.train.images[:, c], torch.full((n_train, 32, 32), expected))
+        assert torch.equal(ds.train.images[:, c], torch.full((n_train, 32, 32), v, dtype=torch.uint8))
+        torch.testing.assert_close(ds.train.inputs(slice(None))[:, c], torch.full((n_train, 32, 32), expected))
 
 
 def test_cifar10_npz_in_folder(tmp_path):
@@ -315,10 +317,9 @@ def test_cinic10_loads_class_folders(tmp_path):
     assert ds.name == "cinic10" and ds.num_classes == 2 and ds.in_channels == 3
     assert ds.train.images.shape == (6, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
     assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test.labels.tolist() == [0, 0, 1, 1]
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in datasets_module._STATS["cinic10"])
-    pixels = ds.train.images * std + mean
-    torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([0, 128, 255]) / 255)
-    torch.testing.assert_close(pixels[3, :, 0, 0], torch.full((3,), 128 / 255))  # grayscale -> RGB
+    assert ds.train.images[0, :, 0, 0].tolist() == [0, 128, 255]
+    assert ds.train.images[3, :, 0, 0].tolist() == [128, 128, 128]  # grayscale -> RGB
+    assert ds.train.standardise == datasets_module.STANDARDISATIONS["cinic10"]
     assert torch.equal(load_dataset("cinic10", tmp_path).test.images, ds.test.images)
 
 
@@ -348,7 +349,7 @@ def test_tiny_imagenet_loads_folder_or_its_parent(tmp_path):
     assert ds.train.images.shape == (4, 3, 64, 64) and ds.test.images.shape == (3, 3, 64, 64)
     assert ds.train.labels.tolist() == [0, 0, 1, 1]  # n01 -> 0, n02 -> 1
     assert ds.test.labels.tolist() == [1, 0, 1]
-    assert ds.train.images.dtype == torch.float32
+    assert ds.train.images.dtype == torch.uint8
     again = load_dataset("tiny-imagenet", tmp_path / "tiny-imagenet-200")
     assert torch.equal(again.test.images, ds.test.images)
 

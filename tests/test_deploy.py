@@ -32,7 +32,7 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 import deploy.prepare_partitions as prep
 from client.data import load_client_data
 from common.data import partition_files
-from common.data.datasets import Dataset, Split
+from common.data.datasets import STANDARDISATIONS, Dataset, Split
 from common.data.partition import client_data
 from common.measure import runtime
 from common.protocol.config import parse_run_config
@@ -575,8 +575,17 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 @pytest.fixture
 def tiny_dataset(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    train = Split(torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 4, (300,), generator=g))
-    test = Split(torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 4, (20,), generator=g))
+    fashion = STANDARDISATIONS["fashion-mnist"]
+    train = Split(
+        torch.randint(0, 256, (300, 1, 8, 8), generator=g, dtype=torch.uint8),
+        torch.randint(0, 4, (300,), generator=g),
+        fashion,
+    )
+    test = Split(
+        torch.randint(0, 256, (20, 1, 8, 8), generator=g, dtype=torch.uint8),
+        torch.randint(0, 4, (20,), generator=g),
+        fashion,
+    )
     dataset = Dataset("fashion-mnist", train, test, 4)
     monkeypatch.setattr(partition_files, "load_dataset", lambda *a, **k: dataset)
     return dataset
@@ -597,7 +606,7 @@ def test_partition_files_hold_the_simulation_partitions(tmp_path, tiny_dataset, 
         assert torch.equal(node.val.images, sim_val.images) and torch.equal(node.val.labels, sim_val.labels)
         assert node.num_classes == 4 and node.in_channels == 1 and node.partition_id == i  # pi-1 holds partition 0
         with np.load(path) as f:
-            assert f["x_train"].dtype == np.float32 and f["y_train"].dtype == np.int64
+            assert f["x_train"].dtype == np.uint8 and f["y_train"].dtype == np.int64
         total += len(node.train) + len(node.val)
     assert total == 300
     printed = capsys.readouterr().out

@@ -9,7 +9,7 @@ from test_protocol import BASE
 from client.client_app import _fit_memory_budget
 from client.data import ClientData
 from client.device import MemoryBudgetError, device_report, plan_batch_size, training_bytes
-from common.data.datasets import DataError, Split
+from common.data.datasets import STANDARDISATIONS, DataError, Split
 from common.nn.models import build_model
 
 
@@ -47,7 +47,11 @@ def test_batch_size_is_halved_until_the_step_fits_and_refused_when_nothing_fits(
 @pytest.mark.parametrize("budget", ["abc", "-5", -5, 0, "nan", "inf", ""])
 def test_a_memory_budget_that_is_no_positive_number_of_mb_says_how_to_fix_the_node_config(budget):
     model = build_model("lenet5", norm="nsconv", num_classes=10, in_channels=1)
-    split = Split(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.int64))
+    split = Split(
+        torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+        torch.zeros(2, dtype=torch.int64),
+        STANDARDISATIONS["fashion-mnist"],
+    )
     data = ClientData(split, split, 10, 1, 0, "fashion-mnist")
 
     def fit(budget):

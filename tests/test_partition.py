@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.datasets import Dataset, Split
+from common.data.datasets import STANDARDISATIONS, Dataset, Split
 from common.data.partition import client_data, label_histogram, partition_indices, train_val_split
 
 NUM_CLASSES = 10
@@ -117,8 +117,9 @@ def test_train_val_split_is_disjoint_deterministic_and_sized():
 
 def _dataset(n: int = 400) -> Dataset:
     labels = torch.arange(n) % 4
-    images = labels.float().view(-1, 1, 1, 1).expand(n, 1, 2, 2).contiguous()  # each image holds its label
-    return Dataset("synthetic", Split(images, labels), Split(images[:8], labels[:8]), 4)
+    images = labels.to(torch.uint8).view(-1, 1, 1, 1).expand(n, 1, 2, 2).contiguous()  # each image holds its label
+    train = Split(images, labels, STANDARDISATIONS["fashion-mnist"])
+    return Dataset("synthetic", train, train.subset(slice(0, 8)), 4)
 
 
 def test_client_data_gives_each_client_its_own_rows():

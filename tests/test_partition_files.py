@@ -14,7 +14,7 @@ import torch
 
 import client.data as client_data_module
 from client.data import load_client_data
-from common.data.datasets import DataError, Dataset, Split
+from common.data.datasets import STANDARDISATIONS, DataError, Dataset, Split
 from common.data.partition_files import PartitionMeta, write_partition
 from common.protocol.config import parse_run_config
 
@@ -25,8 +25,9 @@ REMAKE = "python -m deploy.prepare_partitions"
 def _dataset(num_classes: int = 3, labels_up_to: int = 3, n: int = 12) -> Dataset:
     """n 1 x 4 x 4 Fashion-MNIST-like images labelled 0..labels_up_to-1 (beyond its classes when more)."""
     g = torch.Generator().manual_seed(0)
-    train = Split(torch.randn(n, 1, 4, 4, generator=g), torch.arange(n) % labels_up_to)
-    return Dataset("fashion-mnist", train, Split(train.images[:2], train.labels[:2]), num_classes)
+    pixels = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    train = Split(pixels, torch.arange(n) % labels_up_to, STANDARDISATIONS["fashion-mnist"])
+    return Dataset("fashion-mnist", train, train.subset(slice(0, 2)), num_classes)
 
 
 def _write(path: Path, dataset: Dataset | None = None, partition_id: int = 0, num_partitions: int = 2) -> Path:
@@ -71,7 +72,7 @@ def test_a_partition_file_records_where_it_comes_from_and_loads_as_such(tmp_path
         "seed": FASHION.seed,
         "val_fraction": FASHION.val_fraction,
         "max_examples": 0,
-        "format_version": 1,
+        "format_version": 2,
     }
 
 
@@ -158,24 +159,45 @@ def _rewrite(path: Path, **changes: np.ndarray) -> None:
     ("changes", "says"),
     [
         (
-            {"x_train": np.zeros((9, 3, 4, 4), np.float32)},
-            r"train images of shape \(9, 3, 4, 4\).*not float32 N x 1 x 4 x 4",
+            {"x_train": np.zeros((9, 3, 4, 4), np.uint8)},
+            r"train images of shape \(9, 3, 4, 4\).*not uint8 N x 1 x 4 x 4",
         ),
         ({"x_val": np.zeros((3, 1, 4, 4), np.float64)}, r"val images .*float64"),
-        ({"x_train": np.zeros((9, 16), np.float32)}, r"train images of shape \(9, 16\)"),
+        ({"x_train": np.zeros((9, 16), np.uint8)}, r"train images of shape \(9, 16\)"),
         ({"y_train": np.zeros(8, np.int64)}, r"9 train images but labels of shape \(8,\)"),
         ({"y_val": np.zeros(3, np.float32)}, r"labels .*float32.*not one integer each"),
-        ({"x_train": np.zeros((0, 1, 4, 4), np.float32), "y_train": np.zeros(0, np.int64)}, "no training examples"),
+        ({"x_train": np.zeros((0, 1, 4, 4), np.uint8), "y_train": np.zeros(0, np.int64)}, "no training examples"),
         ({"meta": np.array("{not json")}, "damaged metadata"),
         ({"meta": np.array(3)}, "damaged metadata"),
-        ({"meta": np.array(json.dumps({"format_version": 1, "dataset": "cifar10"}))}, "damaged metadata"),
-        ({"meta": np.array(json.dumps({"format_version": 2}))}, "format version 2, this node reads version 1"),
+        ({"meta": np.array(json.dumps({"format_version": 2, "dataset": "cifar10"}))}, "damaged metadata"),
+        ({"meta": np.array(json.dumps({"format_version": 3}))}, "format version 3, this node reads version 2"),
     ],
 )
 def test_arrays_or_metadata_that_do_not_fit_together_are_refused(tmp_path, changes, says):
     path = _write(tmp_path / "partition.npz")
     _rewrite(path, **changes)
     _refused(path, says)
+
+
+def test_a_version_1_file_of_standardised_float32_images_is_refused_with_remake(tmp_path):
+    path = _write(tmp_path / "partition.npz")
+    with np.load(path, allow_pickle=False) as f:
+        meta, x_train, x_val = json.loads(f["meta"].item()), f["x_train"], f["x_val"]
+    _rewrite(
+        path,
+        meta=np.array(json.dumps({**meta, "format_version": 1})),
+        x_train=(x_train / np.float32(255) - np.float32(0.2860)) / np.float32(0.3530),
+        x_val=(x_val / np.float32(255) - np.float32(0.2860)) / np.float32(0.3530),
+    )
+    _refused(path, "format version 1, this node reads version 2.*remake it")
+
+
+def test_a_file_naming_a_data_set_this_node_does_not_know_is_refused(tmp_path):
+    path = _write(tmp_path / "partition.npz")
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(f["meta"].item())
+    _rewrite(path, meta=np.array(json.dumps({**meta, "dataset": "imagenet"})))
+    _refused(path, "damaged metadata")
 
 
 def test_a_partition_id_outside_the_partitions_in_the_metadata_is_refused(tmp_path):

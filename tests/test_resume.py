@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord
 from loopback import LoopbackGrid
 from test_strategy import run_config as strategy_config
 
-from common.data.datasets import Split, load_dataset
+from common.data.datasets import load_dataset
 from common.nn.models import build_model
 from common.protocol.config import ConfigError, parse_run_config, resolve_device
 from server.checkpoint import (
@@ -53,9 +53,7 @@ def strategy_for(fmnist, rc: dict):
     cfg = parse_run_config(rc)
     torch.manual_seed(cfg.seed)  # the ServerApp's seed: the same initial model in every start
     template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
-    evaluator = GlobalEvaluator(
-        cfg, Split(fmnist.test.images[:100], fmnist.test.labels[:100]), 10, 1, resolve_device(cfg.device)
-    )
+    evaluator = GlobalEvaluator(cfg, fmnist.test.subset(slice(0, 100)), 10, 1, resolve_device(cfg.device))
     return make_strategy(cfg, template, evaluator, max_train_size=len(fmnist.train))
 
 

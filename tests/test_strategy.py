@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from loopback import LoopbackGrid
 
 import server.strategy
-from common.data.datasets import Split, load_dataset
+from common.data.datasets import load_dataset
 from common.methods import METHODS
 from common.nn.models import build_model
 from common.protocol.config import describe_device, parse_run_config, resolve_device
@@ -52,7 +52,7 @@ def federation(fmnist, tamper=None, **overrides):
     rc = run_config(**overrides)
     cfg = parse_run_config(rc)
     template = build_model(cfg.model, norm=cfg.resolved_norm, num_classes=10, in_channels=1, gamma=cfg.gamma)
-    test = Split(fmnist.test.images[:200], fmnist.test.labels[:200])
+    test = fmnist.test.subset(slice(0, 200))
     records: list[dict] = []
     evaluator = GlobalEvaluator(cfg, test, 10, 1, resolve_device(cfg.device))
     strategy = make_strategy(cfg, template, evaluator, max_train_size=len(fmnist.train))

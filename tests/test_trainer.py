@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client.trainer import build_local_model, effective_weight_gradients, local_train
-from common.data.datasets import Split
+from common.data.datasets import STANDARDISATIONS, Split
 from common.nn.layers import set_activation_sparsity
 from common.protocol.config import parse_run_config
 from common.pruning.masks import load_masks
@@ -25,7 +25,8 @@ def _setup(**overrides):
     ins = strategy.instructions(2)  # delta-r 2: an adjustment round with top-K
     assert ins.topk and ins.adjusting
     torch.manual_seed(0)
-    data = Split(torch.randn(96, 3, 32, 32), torch.randint(0, 10, (96,)))
+    pixels = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
+    data = Split(pixels, torch.randint(0, 10, (96,)), STANDARDISATIONS["cifar10"])
     model = build_local_model(ins, 10, 3)
     model.load_state_dict(strategy.global_state(), strict=False)
     load_masks(model, strategy.masks)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.nn.models import build_model
 from common.protocol.wire import (
@@ -176,6 +176,23 @@ def test_sparse_content_is_about_a_tenth_of_dense_at_sparsity_0_9(lenet):
     )
     assert 0.09 < sparse / dense < 0.11
     assert with_mask - sparse < dense / 32 + 500  # a mask costs at most ~1 bit per weight
+
+
+def test_content_bytes_are_the_arrays_data_8_bytes_a_number_and_every_key():
+    values = Array(np.zeros(10, np.float32))
+    assert len(values.data) == 128 + 40  # the .npy header, then the values
+    content = RecordDict(
+        {
+            "model": ArrayRecord({"v": values}),
+            # an empty list, as counts is outside adjustment rounds: Flower's own count_bytes fails on it
+            "train": ConfigRecord({"counts": [], "lr": 0.1, "bae": True, "model": "lenet5", "ids": [1, 2]}),
+            "metrics": MetricRecord({"loss": 1.5, "steps": [1, 2]}),
+        }
+    )
+    model = len("model") + len("v") + 168
+    train = len("train") + len("counts") + len("lr") + 8 + len("bae") + 1 + len("model") + 6 + len("ids") + 16
+    metrics = len("metrics") + len("loss") + 8 + len("steps") + 16
+    assert content_bytes(content) == model + train + metrics
 
 
 def test_sparse_masks_are_rice_coded_below_half_a_bit_per_weight(lenet):

@@ -15,7 +15,9 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     """Each image of an ``N x C x H x W`` batch zero-padded by ``padding``, cropped back to ``H x W``
     at an offset drawn uniformly per image, and mirrored left-right with probability 1/2.
 
-    Zero is the data set's mean after standardisation, so the padding shows the mean colour.
+    Zero is the data set's mean after standardisation, so the padding shows the mean colour: hence a
+    standardised float batch (:meth:`~common.data.datasets.Split.inputs`), not the stored uint8 pixels,
+    which have no value for it.
     """
     if images.dim() != 4:
         raise ValueError(f"expected an N x C x H x W batch, got shape {tuple(images.shape)}")

@@ -125,11 +125,6 @@ def train_val_split(indices: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
 
 
-def _subset(split: Split, indices: np.ndarray) -> Split:
-    rows = torch.from_numpy(indices)
-    return Split(split.images[rows], split.labels[rows])
-
-
 def client_data(
     dataset: Dataset,
     partition_id: int,
@@ -147,7 +142,7 @@ def client_data(
             f"0 to {num_partitions - 1}"
         )
     train, val = train_val_split(parts[partition_id], val_fraction, seed)
-    return _subset(dataset.train, train), _subset(dataset.train, val)
+    return dataset.train.subset(torch.from_numpy(train)), dataset.train.subset(torch.from_numpy(val))
 
 
 def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

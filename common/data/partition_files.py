@@ -1,8 +1,9 @@
 """Partition files: one ``.npz`` per device holding exactly what simulated node i of N trains on.
 
-Each file has x_train, y_train, x_val, y_val (float32 N x C x H x W standardised images, int64 labels)
-and ``meta``, a JSON string (:class:`PartitionMeta`: data set, classes, image shape, which partition of
-how many, how they were cut, format version). ``deploy.prepare_partitions`` writes them for a fleet; a
+Each file has x_train, y_train, x_val, y_val (uint8 N x C x H x W images, int64 labels) and ``meta``, a
+JSON string (:class:`PartitionMeta`: data set, classes, image shape, which partition of how many, how
+they were cut, format version); the node standardises the images it draws with its data set's
+statistics, as the simulation does. ``deploy.prepare_partitions`` writes them for a fleet; a
 SuperNode whose node config names one as ``data-path`` reads it (:mod:`client.data`) with
 :func:`read_partition`, which checks the arrays against the metadata, so a Raspberry Pi never holds the
 whole set and a wrong or damaged file is refused with a message instead of failing in training.
@@ -21,9 +22,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.data.datasets import DataError, Dataset, Split, load_dataset, read_npz
+from common.data.datasets import STANDARDISATIONS, DataError, Dataset, Split, load_dataset, read_npz
 
-FORMAT_VERSION = 1
+# 2: uint8 pixels, a quarter of version 1's standardised float32 images
+FORMAT_VERSION = 2
 REMAKE_HELP = (
     "remake it with 'python -m deploy.prepare_partitions --partitions N --out DIR' and the run's "
     "--preset/--set (so that its data set and partitioning are the run's) and copy it to the node, or fix "
@@ -136,8 +138,9 @@ def read_partition(path: Path) -> tuple[PartitionMeta, Split, Split]:
 
     DataError, naming the file, what is wrong and how to remake it, for a file that is not a partition
     file, is damaged, or whose arrays do not match its metadata (image shape, labels in 0..classes-1, one
-    label per image, some training examples). A file without metadata, written before format version 1,
-    is refused too rather than loaded unchecked: remaking it takes seconds.
+    label per image, some training examples). A file of an older format, without metadata (before
+    version 1) or with float32 images (version 1), is refused too rather than loaded unchecked or
+    converted: remaking it takes seconds.
     """
     arrays = read_npz(path, f"it is not a partition file, or it is damaged: {REMAKE_HELP}")
 
@@ -153,9 +156,9 @@ def read_partition(path: Path) -> tuple[PartitionMeta, Split, Split]:
     splits = []
     for split in ("train", "val"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.float32 or x.shape[1:] != meta.image_shape:
+        if x.dtype != np.uint8 or x.shape[1:] != meta.image_shape:
             raise bad(
-                f"holds {split} images of shape {x.shape} ({x.dtype}), not float32 N x "
+                f"holds {split} images of shape {x.shape} ({x.dtype}), not uint8 N x "
                 f"{' x '.join(map(str, meta.image_shape))} as its metadata says"
             )
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
@@ -165,7 +168,9 @@ def read_partition(path: Path) -> tuple[PartitionMeta, Split, Split]:
                 f"holds {split} labels {y.min()}..{y.max()}, outside the 0..{meta.num_classes - 1} of its "
                 f"{meta.num_classes} classes"
             )
-        splits.append(Split(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64, copy=False))))
+        splits.append(
+            Split(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64, copy=False)), STANDARDISATIONS[meta.dataset])
+        )
     train, val = splits
     if not len(train):
         raise bad("holds no training examples")
@@ -185,7 +190,7 @@ def _meta(stored: np.ndarray, bad: Callable[[str], DataError]) -> PartitionMeta:
         raise bad(f"has damaged metadata ({type(exc).__name__}: {exc})") from exc
     ints = (meta.num_classes, *meta.image_shape, meta.partition_id, meta.num_partitions)
     if not (
-        isinstance(meta.dataset, str)
+        meta.dataset in STANDARDISATIONS
         and len(meta.image_shape) == 3
         and all(isinstance(n, int) for n in ints)
         and min(meta.num_classes, *meta.image_shape) > 0

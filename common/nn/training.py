@@ -15,13 +15,13 @@ from common.data.datasets import Split
 def batches(
     split: Split, batch_size: int, generator: torch.Generator, shuffle: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (images, labels) mini-batches; the last, smaller batch is kept."""
+    """One epoch of (standardised float32 images, labels) mini-batches; the last, smaller batch is kept."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield split.images[idx], split.labels[idx]
+        yield split.inputs(idx), split.labels[idx]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.common.serde import recorddict_to_proto
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from common.pruning.masks import Masks, prunable_weights
@@ -271,8 +270,36 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Bytes of ``content`` as Flower serialises it onto the wire (protobuf)."""
-    return recorddict_to_proto(content).ByteSize()
+    """The payload bytes of ``content``, what results report as bytes_up / bytes_down.
+
+    Counted: each Array's serialised data (``Array.data``: the ``.npy`` bytes, ~128 B of header
+    included), 8 bytes per number and 1 per bool in config and metric records (Flower sends numbers as
+    64-bit), the UTF-8 length of each str and of bytes, and every key and record name. Not counted: the
+    framing Flower's transport adds (protobuf tags and lengths, each Array's dtype/shape/stype, object ids,
+    gRPC, TLS), a few hundred bytes per message. Earlier versions counted Flower's protobuf size through
+    its private serde module: under 1 % more for a sparse model (a FedMef LeNet-5 train message at 90 %
+    sparsity: 26,499 B there, 26,294 B here). Flower's public ``count_bytes`` counts the same way, but
+    its ConfigRecord's raises IndexError on an empty list, which ``counts`` is outside adjustment rounds.
+    """
+    return sum(len(name.encode()) + _record_bytes(record) for name, record in content.items())
+
+
+def _record_bytes(record: ArrayRecord | ConfigRecord | MetricRecord) -> int:
+    if isinstance(record, ArrayRecord):
+        return sum(len(key.encode()) + len(array.data) for key, array in record.items())
+    return sum(len(key.encode()) + _value_bytes(value) for key, value in record.items())
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, bool):  # before int: a bool is an int
+        return 1
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, bytes):
+        return len(value)
+    return 8
 
 
 def _cat_f32(parts: list[torch.Tensor]) -> torch.Tensor:
