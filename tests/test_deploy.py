@@ -67,7 +67,8 @@ def _compose(name: str) -> dict:
 
 def _cli_of(service: dict) -> str | None:
     """Which Flower CLI a service runs: the image's entrypoint, or deploy/Dockerfile's (flower-superexec);
-    None for the project's own services (the proxy, the registry, the volume's one-shot chown)."""
+    None for the project's own services (the proxy, the registry, the volume's one-shot chown, the
+    devices' network holders)."""
     if "entrypoint" in service or service.get("build", {}).get("target") == "fleet-proxy":
         return None
     if "build" in service:
@@ -109,8 +110,13 @@ def test_compose_commands_are_valid_for_the_pinned_flower():
         elif clis[name] == "flower-supernode":
             assert args.isolation == "process" and args.superlink == "fleet-proxy:9092"
             path = _node_config(args)["data-path"]
-            # the ClientApp reads the file, so its SuperExec is the one that mounts the partitions
-            executor = next(s for s in services.values() if s.get("network_mode") == f"service:{name}")
+            # the ClientApp reads the file, so its SuperExec is the one that mounts the partitions; it
+            # shares the SuperNode's network namespace, which a device-N container holds for both
+            device = service["network_mode"].removeprefix("service:")
+            assert services[device]["entrypoint"] == ["sleep", "infinity"] and services[device]["networks"] == ["fleet"]
+            executor = next(
+                s for n, s in services.items() if s.get("network_mode") == service["network_mode"] and n != name
+            )
             assert path.startswith("/data/") and any(v.endswith(":/data:ro") for v in executor["volumes"])
             assert parse("flower-superexec", executor["command"]).runtime_api_address == f"127.0.0.1:{args.port}"
         else:
@@ -125,7 +131,7 @@ def test_compose_is_secure_by_default():
     services = compose["services"]
     assert "--insecure" not in (DEPLOY / "compose.yml").read_text()
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
-    assert published == {"superlink": ["127.0.0.1:8000:8000"]}
+    assert published == {"superlink": ["127.0.0.1:${SUPERLINK_PORT:-8000}:8000"]}
     assert compose["networks"]["fleet"]["internal"] is True
     for name, service in services.items():
         cli = _cli_of(service)
@@ -143,7 +149,7 @@ def test_compose_is_secure_by_default():
             assert not args.insecure and args.host == "127.0.0.1"
             assert {args.root_certificates, args.auth_supernode_private_key, str(args.trusted_entities)} <= secrets
             assert {args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile} <= secrets  # its Runtime API
-            assert service["networks"] == ["fleet"]
+            assert services[service["network_mode"].removeprefix("service:")]["networks"] == ["fleet"]
         else:
             assert not args.insecure and args.root_certificates in secrets
             assert service["network_mode"].startswith("service:")  # the Runtime API on loopback
@@ -161,6 +167,16 @@ def test_compose_secrets_name_the_pki_files():
     files = {secret["file"].replace("${PKI_DIR:-./pki}", "pki") for secret in compose["secrets"].values()}
     made = {"ca.crt", "server.pem", "server.key", "local.pem", "local.key", "superexec.secret", "trusted-entities.yaml"}
     assert files == {f"pki/{f}" for f in made} | {f"pki/devices/pi-{i}" for i in (1, 2, 3)}
+
+
+def test_compose_holds_each_clientapp_to_a_pi_memory():
+    """Each SuperNode's ClientApp runs in its SuperExec's container, which gets a Pi 4B's memory."""
+    services = _compose("compose.yml")["services"]
+    limited = {name: s["mem_limit"] for name, s in services.items() if "mem_limit" in s}
+    assert limited == {f"superexec-clientapp-{i}": "${CLIENTAPP_MEM_LIMIT:-1g}" for i in (1, 2, 3)}
+    for name, service in services.items():
+        if name != "superlink-state":  # the one-shot chown exits by itself
+            assert service.get("init") is True, f"{name}: no init to reap the apps' processes"
 
 
 def test_dockerfile_pins_flower_and_cpu_torch():
