@@ -179,6 +179,34 @@ def test_compose_holds_each_clientapp_to_a_pi_memory():
             assert service.get("init") is True, f"{name}: no init to reap the apps' processes"
 
 
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with the compose spec's `!reset` tag (which removes what the file it overrides sets)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: "!reset")
+
+
+def test_podman_override_replaces_docker_hub_images_and_the_one_shot_job():
+    """deploy/podman/compose.podman.yml swaps Flower's images for build.sh's stand-ins and drops the one-shot
+    chown of the state volume (podman hands new volumes to the container's user itself), nothing else."""
+    services = _compose("compose.yml")["services"]
+    override = yaml.load((DEPLOY / "podman" / "compose.podman.yml").read_text(), _ComposeLoader)["services"]
+    assert override.pop("superlink-state") == "!reset"
+    assert override["superlink"].pop("depends_on") == "!reset" and services["superlink"]["depends_on"] == {
+        "superlink-state": {"condition": "service_completed_successfully"}
+    }
+    hub = {name for name, s in services.items() if s.get("image", "").startswith("flwr/")} - {"superlink-state"}
+    assert set(override) == hub and all(set(s) == {"image"} for s in override.values())
+    for name in hub:
+        role = services[name]["image"].split(":")[0].removeprefix("flwr/")
+        assert override[name]["image"] == f"localhost/fedmef-flwr-{role}:${{FLWR_VERSION:-{flwr.__version__}}}"
+    stand_ins = (DEPLOY / "podman" / "Dockerfile.flwr").read_text()
+    for role in ("superlink", "supernode", "superexec"):
+        assert f'FROM flwr AS {role}\nENTRYPOINT ["flower-{role}"]' in stand_ins
+    build = (DEPLOY / "podman" / "build.sh").read_text()
+    assert "--build-arg SUPEREXEC_BASE=" in build and "--build-arg PROXY_BASE=" in build
+
+
 def test_dockerfile_pins_flower_and_cpu_torch():
     text = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={flwr.__version__}" in text
