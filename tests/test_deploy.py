@@ -67,7 +67,8 @@ def _compose(name: str) -> dict:
 
 def _cli_of(service: dict) -> str | None:
     """Which Flower CLI a service runs: the image's entrypoint, or deploy/Dockerfile's (flower-superexec);
-    None for the project's own services (the proxy, the registry, the volume's one-shot chown)."""
+    None for the project's own services (the proxy, the registry, the volume's one-shot chown, the
+    devices' network holders)."""
     if "entrypoint" in service or service.get("build", {}).get("target") == "fleet-proxy":
         return None
     if "build" in service:
@@ -109,8 +110,13 @@ def test_compose_commands_are_valid_for_the_pinned_flower():
         elif clis[name] == "flower-supernode":
             assert args.isolation == "process" and args.superlink == "fleet-proxy:9092"
             path = _node_config(args)["data-path"]
-            # the ClientApp reads the file, so its SuperExec is the one that mounts the partitions
-            executor = next(s for s in services.values() if s.get("network_mode") == f"service:{name}")
+            # the ClientApp reads the file, so its SuperExec is the one that mounts the partitions; it
+            # shares the SuperNode's network namespace, which a device-N container holds for both
+            device = service["network_mode"].removeprefix("service:")
+            assert services[device]["entrypoint"] == ["sleep", "infinity"] and services[device]["networks"] == ["fleet"]
+            executor = next(
+                s for n, s in services.items() if s.get("network_mode") == service["network_mode"] and n != name
+            )
             assert path.startswith("/data/") and any(v.endswith(":/data:ro") for v in executor["volumes"])
             assert parse("flower-superexec", executor["command"]).runtime_api_address == f"127.0.0.1:{args.port}"
         else:
@@ -125,7 +131,7 @@ def test_compose_is_secure_by_default():
     services = compose["services"]
     assert "--insecure" not in (DEPLOY / "compose.yml").read_text()
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
-    assert published == {"superlink": ["127.0.0.1:8000:8000"]}
+    assert published == {"superlink": ["127.0.0.1:${SUPERLINK_PORT:-8000}:8000"]}
     assert compose["networks"]["fleet"]["internal"] is True
     for name, service in services.items():
         cli = _cli_of(service)
@@ -143,7 +149,7 @@ def test_compose_is_secure_by_default():
             assert not args.insecure and args.host == "127.0.0.1"
             assert {args.root_certificates, args.auth_supernode_private_key, str(args.trusted_entities)} <= secrets
             assert {args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile} <= secrets  # its Runtime API
-            assert service["networks"] == ["fleet"]
+            assert services[service["network_mode"].removeprefix("service:")]["networks"] == ["fleet"]
         else:
             assert not args.insecure and args.root_certificates in secrets
             assert service["network_mode"].startswith("service:")  # the Runtime API on loopback
@@ -163,14 +169,54 @@ def test_compose_secrets_name_the_pki_files():
     assert files == {f"pki/{f}" for f in made} | {f"pki/devices/pi-{i}" for i in (1, 2, 3)}
 
 
+def test_compose_holds_each_clientapp_to_a_pi_memory():
+    """Each SuperNode's ClientApp runs in its SuperExec's container, which gets a Pi 4B's memory."""
+    services = _compose("compose.yml")["services"]
+    limited = {name: s["mem_limit"] for name, s in services.items() if "mem_limit" in s}
+    assert limited == {f"superexec-clientapp-{i}": "${CLIENTAPP_MEM_LIMIT:-1g}" for i in (1, 2, 3)}
+    for name, service in services.items():
+        if name != "superlink-state":  # the one-shot chown exits by itself
+            assert service.get("init") is True, f"{name}: no init to reap the apps' processes"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with the compose spec's `!reset` tag (which removes what the file it overrides sets)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: "!reset")
+
+
+def test_podman_override_replaces_docker_hub_images_and_the_one_shot_job():
+    """deploy/podman/compose.podman.yml swaps Flower's images for build.sh's stand-ins and drops the one-shot
+    chown of the state volume (podman hands new volumes to the container's user itself), nothing else."""
+    services = _compose("compose.yml")["services"]
+    override = yaml.load((DEPLOY / "podman" / "compose.podman.yml").read_text(), _ComposeLoader)["services"]
+    assert override.pop("superlink-state") == "!reset"
+    assert override["superlink"].pop("depends_on") == "!reset" and services["superlink"]["depends_on"] == {
+        "superlink-state": {"condition": "service_completed_successfully"}
+    }
+    hub = {name for name, s in services.items() if s.get("image", "").startswith("flwr/")} - {"superlink-state"}
+    assert set(override) == hub and all(set(s) == {"image"} for s in override.values())
+    for name in hub:
+        role = services[name]["image"].split(":")[0].removeprefix("flwr/")
+        assert override[name]["image"] == f"localhost/fedmef-flwr-{role}:${{FLWR_VERSION:-{flwr.__version__}}}"
+    stand_ins = (DEPLOY / "podman" / "Dockerfile.flwr").read_text()
+    for role in ("superlink", "supernode", "superexec"):
+        assert f'FROM flwr AS {role}\nENTRYPOINT ["flower-{role}"]' in stand_ins
+    build = (DEPLOY / "podman" / "build.sh").read_text()
+    assert "--build-arg SUPEREXEC_BASE=" in build and "--build-arg PROXY_BASE=" in build
+
+
 def test_dockerfile_pins_flower_and_cpu_torch():
     text = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={flwr.__version__}" in text
-    assert "FROM flwr/superexec:${FLWR_VERSION}" in text
-    assert re.search(
-        r"--extra-index-url https://download.pytorch.org/whl/cpu torch==" + re.escape(torch.__version__.split("+")[0]),
-        text,
-    )
+    assert "ARG SUPEREXEC_BASE=flwr/superexec:${FLWR_VERSION}" in text and "FROM ${SUPEREXEC_BASE}\n" in text
+    # torch from PyTorch's CPU index by default; build.sh's local CPU wheel where that index is out of reach
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert f"ARG TORCH=torch=={torch.__version__.split('+')[0]}" in text
+    assert '${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH"' in text
+    # Docker Hub's images by default; the same Dockerfile on deploy/podman's bases with build arguments
+    assert "ARG PROXY_BASE=nginx:" in text and "FROM ${PROXY_BASE} AS fleet-proxy" in text
     assert 'ENTRYPOINT ["flower-superexec"]' in text
     assert "gcc" in text and "bitkernels.library()" in text  # the SAP kernels are built into the image
     # what the image copies is what the build context lets through

@@ -1,0 +1,312 @@
+"""deploy/compose.yml on a real container engine: podman and podman-compose, as deploy/podman/ runs it.
+
+The images are built as deploy/podman/build.sh builds them where no registry is reachable (a debootstrap
+base, Flower and the project on it, CPU torch; podman's cache makes a rebuild of unchanged sources take
+seconds). The operator then follows deploy/README.md's compose steps: the PKI with make-pki.sh, the
+partitions, a signed release, `compose.sh up`, register-devices.sh, `flwr run` of the release from the
+host. Everything is as secure as compose.yml makes it: TLS on every hop, SuperNode authentication, signed
+apps only, the SuperLink off the device network. Three SuperNodes, each ClientApp container held to a
+Raspberry Pi 4B's 1 GiB (mem_limit), run a 3-round FedMef federation (LeNet-5, Fashion-MNIST).
+
+After round 1 one SuperNode container is killed, as a crash or the OOM killer would (SIGKILL from the
+host: `podman kill` counts as a user's stop, after which podman restarts nothing). It restarts by itself
+(restart: unless-stopped), with the same key so as the same node, and takes part again. `compose.sh down`
+then leaves the host as it was: no container, volume or network, the deployment's storage removed, the
+same nftables ruleset and forwarding sysctls as before.
+
+It prints the timings (build, up, each round, down) and each SuperNode's and ClientApp container's peak
+memory from its cgroup. It skips where podman cannot run (not root, podman, runc or debootstrap
+missing), and fails instead where REQUIRE_DEPLOY is set (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_deployment_e2e import _connection, _missing, _run
+
+from deploy import app_registry
+from deploy.prepare_partitions import prepare, run_config
+from server.simulation import ROOT, flower_env, free_port
+
+pytestmark = pytest.mark.slow
+
+PODMAN = ROOT / "deploy" / "podman"
+SERVER = ROOT / "deploy" / "server"
+BIN = Path(sys.executable).parent
+ROUNDS = 3
+#: a round's limit: Flower reports the killed SuperNode's lost reply by itself (its heartbeat stops), so
+#: this only bounds a round on a busy host (3 ClientApps on 2 shared cores: about 2 min each here)
+ROUND_TIMEOUT = 600
+#: images from nothing: debootstrap, Flower, torch and the project's dependencies on a busy 2-core host
+BUILD_TIMEOUT = 3600
+#: the ClientApp containers' memory limit: a Raspberry Pi 4B with 1 GiB
+MEM_LIMIT = 1 << 30
+SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding", "net/ipv6/conf/default/forwarding")
+
+
+def _host_state() -> dict:
+    """What the engine may change outside its private folder; equal before and after the test."""
+    state: dict = {s: (Path("/proc/sys") / s).read_text().strip() for s in SYSCTLS if (Path("/proc/sys") / s).exists()}
+    if shutil.which("nft"):
+        state["nft ruleset"] = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    # what podman writes outside its own folders whatever its configuration (deploy/podman/env.sh)
+    for path in ("/var/lib/containers", "/run/runc", "/run/containers/networks"):
+        state[path] = Path(path).exists()
+    return state
+
+
+def _check_podman() -> None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        _missing("the compose deployment on podman needs root on Linux (overlay storage, bridge networks)")
+    for tool in ("podman", "runc", "debootstrap", "iptables", "nft"):
+        if shutil.which(tool) is None:
+            _missing(f"{tool} is missing: apt-get install podman buildah runc debootstrap (.ci/run installs them)")
+    if not (Path("/sys/fs/cgroup/memory").is_dir() or "memory" in _read("/sys/fs/cgroup/cgroup.controllers")):
+        _missing("no cgroup memory controller: the containers' mem_limit cannot be applied")
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+class Compose:
+    """deploy/podman/compose.sh and podman, on this test's own deployment folder and project."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.project = f"fedmef-e2e-{os.getpid()}"
+        self.run_dir = tmp_path / "podman"
+        self.env = {**env, "COMPOSE_PROJECT_NAME": self.project, "FEDMEF_PODMAN_RUN": str(self.run_dir)}
+        # podman's own configuration for this deployment, as compose.sh writes it (env.sh)
+        self.podman_env = {
+            **self.env,
+            "CONTAINERS_CONF": str(self.run_dir / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.run_dir / "storage.conf"),
+        }
+
+    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PODMAN / "compose.sh", *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+    def podman(self, *args: str, timeout: float = 60) -> str:
+        done = subprocess.run(["podman", *args], env=self.podman_env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"podman {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    def container(self, service: str) -> str:
+        names = self.podman(
+            "ps", "-a", "--format", "{{.Names}}", "--filter", f"label=com.docker.compose.project={self.project}",
+            "--filter", f"label=com.docker.compose.service={service}",
+        ).split()  # fmt: skip
+        assert len(names) == 1, (service, names)
+        return names[0]
+
+    def inspect(self, service: str) -> dict:
+        return json.loads(self.podman("inspect", self.container(service)))[0]
+
+    def cgroup_memory(self, service: str) -> tuple[int, int]:
+        """(peak, limit) in bytes of the service's container, from its memory cgroup (v1 or v2)."""
+        pid = self.inspect(service)["State"]["Pid"]
+        lines = _read(f"/proc/{pid}/cgroup").splitlines()
+        v1 = next((line.split(":", 2)[2] for line in lines if line.split(":")[1] == "memory"), None)
+        if v1 is not None:
+            base = Path("/sys/fs/cgroup/memory") / v1.lstrip("/")
+            return int(_read(base / "memory.max_usage_in_bytes")), int(_read(base / "memory.limit_in_bytes"))
+        base = Path("/sys/fs/cgroup") / lines[0].split(":", 2)[2].lstrip("/")
+        peak = _read(base / "memory.peak") or _read(base / "memory.current")
+        limit = _read(base / "memory.max").strip()
+        return int(peak), (int(limit) if limit.isdigit() else -1)
+
+    def logs(self) -> str:
+        out = []
+        for service in ("superlink", "superexec-serverapp", "fleet-proxy", "supernode-2", "superexec-clientapp-2"):
+            try:
+                text = self.podman("logs", self.container(service))
+            except AssertionError as exc:
+                text = str(exc)
+            out.append(f"--- {service}\n{text[-2500:]}")
+        return "\n".join(out)
+
+
+def test_compose_federation_on_podman(tmp_path):
+    _check_podman()
+    before = _host_state()
+    timings: dict[str, float] = {}
+
+    start = time.monotonic()
+    built = subprocess.run([PODMAN / "build.sh"], cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    timings["build"] = time.monotonic() - start
+
+    # --- the operator's steps of deploy/README.md ("The same federation with Docker Compose")
+    pki, parts, releases, results = (tmp_path / d for d in ("pki", "parts", "releases", "results.json"))
+    made = subprocess.run(
+        [SERVER / "make-pki.sh", "-o", pki, "-n", "3", "superlink", "fleet-proxy"], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    prepare(parts, 3, run_config(), max_examples=400)
+    fab = app_registry.build_fab(ROOT)
+    _, _, version = app_registry.fab_identity(fab)
+    app_registry.publish(releases, fab, app_registry.load_signing_key(pki / "app-signing" / "operator"))
+    # the images run as uid 49999: it owns the PKI (keys stay 0600), the rest is world-readable
+    subprocess.run(["chown", "-R", "49999:49999", pki], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", parts, releases], check=True)
+    tmp_path.chmod(0o755)
+
+    port = free_port()
+    home = tmp_path / "operator"
+    home.mkdir()
+    (home / "config.toml").write_text(_connection("compose", f"127.0.0.1:{port}", pki / "ca.crt"))
+    env = {
+        **flower_env(home),
+        "OMP_NUM_THREADS": "1",
+        "PKI_DIR": str(pki),
+        "PARTITIONS_DIR": str(parts),
+        "RELEASES_DIR": str(releases),
+        "SUPERLINK_PORT": str(port),
+        "CLIENTAPP_MEM_LIMIT": "1g",
+    }
+    deployment = Compose(tmp_path, env)
+    try:
+        _scenario(deployment, env, version, results, timings)
+    finally:
+        start = time.monotonic()
+        down = deployment.compose("down")
+        timings["down"] = time.monotonic() - start
+        print(f"\ncompose on podman, timings (s): { {k: round(v, 1) for k, v in timings.items()} }")
+    assert down.returncode == 0, down.stdout + down.stderr
+    # the host as before: the same ruleset and sysctls, no storage, no process of the deployment
+    assert _host_state() == before
+    assert not deployment.run_dir.exists()
+    assert not [line for line in _read("/proc/self/mountinfo").splitlines() if str(deployment.run_dir) in line]
+    left = subprocess.run(["pgrep", "-f", "--", f"{deployment.run_dir}/"], capture_output=True, text=True).stdout
+    assert not left.split(), left
+
+
+def _scenario(deployment: Compose, env: dict[str, str], version: str, results: Path, timings: dict) -> None:
+    start = time.monotonic()
+    up = deployment.compose("up")
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    timings["up"] = time.monotonic() - start
+
+    # every ClientApp container is held to the Pi's memory (its cgroup's limit, not only the compose file)
+    for i in (1, 2, 3):
+        assert deployment.cgroup_memory(f"superexec-clientapp-{i}")[1] == MEM_LIMIT
+
+    start = time.monotonic()
+    deadline = time.monotonic() + 120
+    while not _answers(_run([BIN / "flwr", "ls", "compose", "--format", "json"], env)):  # the Control API is up
+        assert time.monotonic() < deadline, "the SuperLink's Control API did not answer in 120 s:\n" + deployment.logs()
+        time.sleep(2)
+    keys = [Path(env["PKI_DIR"]) / "devices" / f"pi-{i}.pub" for i in (1, 2, 3)]
+    registered = _run([SERVER / "register-devices.sh", "compose", *keys], env)
+    assert registered.returncode == 0, registered.stdout + registered.stderr + deployment.logs()
+    nodes = {int(pi): int(node) for pi, node in re.findall(r"pi-(\d): registered as node (\d+)", registered.stdout)}
+    assert sorted(nodes) == [1, 2, 3], registered.stdout
+    node_ids = set(nodes.values())
+    timings["register"] = time.monotonic() - start
+
+    overrides = (
+        f"num-server-rounds={ROUNDS} max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
+        f"round-timeout={ROUND_TIMEOUT} node-wait-timeout=300 results-dir='/app/runs' run-name='compose'"
+    )
+    start = time.monotonic()
+    run = subprocess.Popen(
+        [str(BIN / "flwr"), "run", f"@fedmef/fedmef=={version}", "compose", "--stream", "--run-config", overrides],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _kill_a_supernode_after_round_1(deployment, run)
+        out, _ = run.communicate(timeout=1800)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    timings["run"] = time.monotonic() - start
+    volume = deployment.podman("volume", "inspect", "--format", "{{.Mountpoint}}", f"{deployment.project}_results")
+    results_file = Path(volume.strip()) / "compose" / "results.json"
+    # flwr run exits 0 even when the run failed: the results file is the proof
+    assert run.returncode == 0 and results_file.exists(), out[-3000:] + deployment.logs()
+    data = json.loads(results_file.read_text())
+    assert [r["round"] for r in data["rounds"]] == list(range(1, ROUNDS + 1)), out[-3000:] + deployment.logs()
+    killed_node = nodes[2]  # pi-2's key: supernode-2
+    for r in data["rounds"]:
+        timings[f"round {r['round']}"] = r["round_time_s"]
+        assert {c["node_id"] for c in r["clients"]} <= node_ids
+        # the only failure: the killed SuperNode's reply in the round it died in, which Flower reports
+        assert all(x["node_id"] == killed_node and "Node Unavailable" in x["reason"] for x in r["rejected"]), r
+    # every SuperNode took part; the killed one again after its restart, in the last round
+    assert {c["node_id"] for r in data["rounds"] for c in r["clients"]} == node_ids
+    last = data["rounds"][-1]["clients"]
+    assert {c["node_id"] for c in last} == node_ids and sorted(c["partition_id"] for c in last) == [0, 1, 2]
+    shutil.copy(results_file, results)
+
+    killed = deployment.inspect("supernode-2")
+    assert killed["RestartCount"] >= 1 and killed["State"]["Running"], killed["State"]
+    peaks = {}
+    for i in (1, 2, 3):
+        for service in (f"supernode-{i}", f"superexec-clientapp-{i}"):
+            peaks[service] = round(deployment.cgroup_memory(service)[0] / 2**20)
+    print(f"\npeak memory per container (MiB, from its memory cgroup): {peaks}")
+    print(f"clients per round: {[len(r['clients']) for r in data['rounds']]}")
+    assert all(peaks[f"superexec-clientapp-{i}"] < MEM_LIMIT >> 20 for i in (1, 2, 3))
+
+
+def _answers(done: subprocess.CompletedProcess) -> bool:
+    """Whether a `flwr ... --format json` call succeeded: it exits 0 either way."""
+    try:
+        return done.returncode == 0 and json.loads(done.stdout)["success"] is True
+    except (json.JSONDecodeError, KeyError):
+        return False
+
+
+def _kill_a_supernode_after_round_1(deployment: Compose, run: subprocess.Popen) -> None:
+    """SIGKILL supernode-2's container once round 1 is in the results; it must come back by itself."""
+    volume = None
+    deadline = time.monotonic() + 600
+    while True:
+        assert run.poll() is None, "the run ended before round 1 was recorded:\n" + deployment.logs()
+        assert time.monotonic() < deadline, "round 1 took more than 600 s:\n" + deployment.logs()
+        if volume is None:
+            mounted = subprocess.run(
+                ["podman", "volume", "inspect", "--format", "{{.Mountpoint}}", f"{deployment.project}_results"],
+                env=deployment.podman_env,
+                capture_output=True,
+                text=True,
+            )
+            volume = Path(mounted.stdout.strip()) if mounted.returncode == 0 else None
+        results_file = volume / "compose" / "results.json" if volume else None
+        if results_file and results_file.exists():
+            try:
+                if json.loads(results_file.read_text())["rounds"]:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(1)
+    state = deployment.inspect("supernode-2")["State"]
+    started = state["StartedAt"]
+    os.kill(state["Pid"], signal.SIGKILL)  # the container's init: the kernel then kills all of it
+    deadline = time.monotonic() + 120
+    while True:
+        state = deployment.inspect("supernode-2")["State"]
+        if state["Running"] and state["StartedAt"] != started:
+            break
+        assert time.monotonic() < deadline, f"supernode-2 was not restarted: {state}"
+        time.sleep(1)
