@@ -1,7 +1,7 @@
 # Two entry points: `make run` (the main job) and `make test`. Both build .venv/ first.
 PY := .venv/bin/python
 
-.PHONY: run test lint data compiler kernels bench clean
+.PHONY: run test test-compose lint data compiler kernels bench clean
 
 # torch: `cpu` (default) is the CPU build, from PyTorch's CPU index where it answers, else from pip's own
 # sources (a local wheel on the project's build machine); without either it fails rather than take
@@ -47,7 +47,12 @@ run: .venv/.installed data compiler
 	$(PY) -m server.simulation
 
 test: .venv/.installed data compiler
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not compose"
+
+# The compose deployment on podman (tests/test_compose_e2e.py): minutes of image builds and rounds, so
+# apart from the suite; CI runs both.
+test-compose: .venv/.installed data compiler
+	$(PY) -m pytest -q -s -m compose
 
 # Format check, lint (E, F, I, B, UP) and types; `ruff format .` and `ruff check --fix .` mend most of it.
 lint: .venv/.installed

@@ -38,7 +38,7 @@ from deploy import app_registry
 from deploy.prepare_partitions import prepare, run_config
 from server.simulation import ROOT, flower_env, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compose]
 
 PODMAN = ROOT / "deploy" / "podman"
 SERVER = ROOT / "deploy" / "server"
