@@ -63,6 +63,7 @@ def build_local_model(ins: Instructions, num_classes: int, in_channels: int) -> 
         gamma=ins.gamma,
         sap_linear=ins.sap_linear,
         width=ins.width,
+        sap_format=ins.sap_format,
     )
 
 

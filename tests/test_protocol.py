@@ -13,6 +13,7 @@ BASE = Instructions(
     norm="nsconv",
     s_ta=0.9,
     sap_linear=False,
+    sap_format="fp16",
     gamma=1.7,
     mode="masked",
     mask_version=2,
@@ -52,6 +53,8 @@ def test_round_trip_through_the_wire():
         ("mode", "sparse"),
         ("batch-size", 0),
         ("server-round", True),
+        ("sap-format", "fp8"),
+        ("sap-format", 16),
     ],
 )
 def test_bad_values_are_refused_with_the_key(key, value):

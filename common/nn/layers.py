@@ -3,7 +3,8 @@
 Every prunable layer carries its mask as a ``mask`` buffer (so NSConv can standardise over the
 active weights and a state dict carries the structure) and an ``act_sparsity`` attribute: ``None``
 caches its input as plain autograd would, a float ``s_ta`` caches it through SAP
-(:mod:`common.nn.sap`). In both cases the effective weight is recomputed in backward rather than kept.
+(:mod:`common.nn.sap`), its kept values stored in the layer's ``sap_format``
+(:mod:`common.nn.sapcache`). In both cases the effective weight is recomputed in backward rather than kept.
 The client sets both from the server's config; the layers decide nothing.
 """
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.nn.sap import ConvOp, LinearOp, bitmask_relu, lean_avg_pool2d, lean_max_pool2d, masked_layer
+from common.nn.sapcache import DEFAULT_SAP_FORMAT, check_format
 
 
 def masked_weight(theta: torch.Tensor, mask: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,12 +39,14 @@ class _Masked(nn.Module):
     gain: nn.Parameter | None
     act_sparsity: float | None
     sap_capable: bool
+    sap_format: str
 
-    def _add_mask(self, act_sparsity: float | None, sap_capable: bool) -> None:
+    def _add_mask(self, act_sparsity: float | None, sap_capable: bool, sap_format: str) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_parameter("gain", None)
         self.act_sparsity = act_sparsity
         self.sap_capable = sap_capable
+        self.sap_format = check_format(sap_format)
 
     def weight_fn(self):
         """``(θ, mask, gain) -> w``; must be differentiable, it is re-run in backward."""
@@ -52,15 +56,24 @@ class _Masked(nn.Module):
         return self.weight_fn()(self.weight, self.mask, self.gain)
 
     def _apply_masked(self, x: torch.Tensor, op) -> torch.Tensor:
-        return masked_layer(x, self.weight, self.mask, self.gain, self.bias, self.weight_fn(), op, self.act_sparsity)
+        return masked_layer(
+            x, self.weight, self.mask, self.gain, self.bias, self.weight_fn(), op, self.act_sparsity, self.sap_format
+        )
 
 
 class SparseConv2d(_Masked, nn.Conv2d):
     """``nn.Conv2d`` computing with ``weight ⊙ mask``, its input cached by SAP when enabled."""
 
-    def __init__(self, *args, act_sparsity: float | None = None, sap_capable: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        act_sparsity: float | None = None,
+        sap_capable: bool = True,
+        sap_format: str = DEFAULT_SAP_FORMAT,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self._add_mask(act_sparsity, sap_capable)
+        self._add_mask(act_sparsity, sap_capable, sap_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The factory passes int paddings; a string one ('same') would fail in ConvOp's backward, which needs ints.
@@ -71,9 +84,16 @@ class SparseConv2d(_Masked, nn.Conv2d):
 class SparseLinear(_Masked, nn.Linear):
     """``nn.Linear`` computing with ``weight ⊙ mask``, its input cached by SAP when enabled."""
 
-    def __init__(self, *args, act_sparsity: float | None = None, sap_capable: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        act_sparsity: float | None = None,
+        sap_capable: bool = True,
+        sap_format: str = DEFAULT_SAP_FORMAT,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self._add_mask(act_sparsity, sap_capable)
+        self._add_mask(act_sparsity, sap_capable, sap_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_masked(x, LinearOp())

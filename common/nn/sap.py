@@ -2,14 +2,15 @@
 
 A convolution or linear layer needs its input to form the weight gradient, so autograd normally
 keeps that whole tensor alive from forward to backward. The functions here keep only its top
-``1 - s_ta`` magnitudes, compressed by :mod:`common.sparse.codec` (a bitmap of positions plus fp32
-values at the usual ``s_ta = 0.9``), and nothing else of it: the full tensor is freed as soon as the
+``1 - s_ta`` magnitudes, compressed by :mod:`common.sparse.codec` (a bitmap of positions plus the
+values at the usual ``s_ta = 0.9``; the values in fp32, fp16, bf16 or int8 with per-channel scales, the
+``sap-format`` of :mod:`common.nn.sapcache`), and nothing else of it: the full tensor is freed as soon as the
 next layer has consumed it. ReLU and ReLU6 keep a 1-bit mask for their own backward instead of their
 output. Everything is saved through ``ctx.save_for_backward`` so saved-tensor hooks (and thus
 :mod:`common.measure.accounting`) see exactly what is held.
 
-With ``s_ta = 0`` the cache is the dense tensor and, for contiguous inputs, the gradients equal
-plain autograd bit for bit (the cache decodes contiguous, which changes summation order otherwise).
+With ``s_ta = 0`` and the fp32 format the cache is the dense tensor and, for contiguous inputs, the
+gradients equal plain autograd bit for bit (the cache decodes contiguous, which changes summation order otherwise).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from common.nn import bitkernels
+from common.nn.sapcache import DEFAULT_SAP_FORMAT, SapCache, decode_cache, encode_cache
 from common.sparse.bits import pack_bits, unpack_bits
-from common.sparse.codec import EncodedTensor, decode, encode_above, encode_masked
+from common.sparse.codec import EncodedTensor, encode_above, encode_masked
 from common.sparse.sizes import SparseFormat
 
 #: Elements sampled to estimate the pruning threshold. The estimate's density error has standard
@@ -89,14 +91,21 @@ def compress_activation(x: torch.Tensor, s_ta: float) -> EncodedTensor:
     return encode_above(x, threshold)
 
 
-def _save_encoded(ctx, enc: EncodedTensor, *others: torch.Tensor) -> None:
-    ctx.encoded = enc.meta
-    ctx.save_for_backward(*others, *enc.tensors())
+def cache_activation(x: torch.Tensor, s_ta: float, value_format: str = DEFAULT_SAP_FORMAT) -> SapCache:
+    """What SAP holds of ``x``: :func:`compress_activation`'s selection, its values stored in
+    ``value_format`` (:mod:`common.nn.sapcache`; ``fp32`` is exactly :func:`compress_activation`)."""
+    return encode_cache(x, keep_threshold(x, s_ta), value_format)
 
 
-def _load_encoded(ctx) -> tuple[torch.Tensor, ...]:
-    *others, values, positions = ctx.saved_tensors
-    return (*others, decode(EncodedTensor.rebuild(ctx.encoded, values, positions)))
+def _save_cache(ctx, cache: SapCache, *others: torch.Tensor) -> None:
+    ctx.cache_meta, ctx.others = cache.meta, len(others)
+    ctx.save_for_backward(*others, *cache.tensors())
+
+
+def _load_cache(ctx) -> tuple[torch.Tensor, ...]:
+    saved = ctx.saved_tensors
+    others, cached = saved[: ctx.others], saved[ctx.others :]
+    return (*others, decode_cache(SapCache.rebuild(ctx.cache_meta, cached)))
 
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -108,25 +117,25 @@ class _MaskedLayerFunction(torch.autograd.Function):
     Saved for backward: θ and the mask (held by the model anyway), the optional gain, and the input
     cache: a reference to ``x`` itself when ``s_ta`` is None (what plain autograd keeps), else its
     SAP compression. Neither ``w`` nor any weight-sized intermediate (NSConv's centred filters) stays
-    alive between forward and backward.
+    alive between forward and backward. ``value_format``: how the SAP cache stores its values.
     """
 
     @staticmethod
-    def forward(ctx, x, theta, mask, gain, bias, weight_fn, op, s_ta):
+    def forward(ctx, x, theta, mask, gain, bias, weight_fn, op, s_ta, value_format):
         ctx.weight_fn, ctx.op, ctx.has_bias = weight_fn, op, bias is not None
         if s_ta is None:
-            ctx.encoded = None
+            ctx.cache_meta = None
             ctx.save_for_backward(theta, mask, gain, x)
         else:
-            _save_encoded(ctx, compress_activation(x, s_ta), theta, mask, gain)
+            _save_cache(ctx, cache_activation(x, s_ta, value_format), theta, mask, gain)
         return op.forward(x, weight_fn(theta, mask, gain), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.encoded is None:
+        if ctx.cache_meta is None:
             theta, mask, gain, x = ctx.saved_tensors
         else:
-            theta, mask, gain, x = _load_encoded(ctx)
+            theta, mask, gain, x = _load_cache(ctx)
         needs_x, needs_theta, _, needs_gain, needs_bias = ctx.needs_input_grad[:5]
         with torch.enable_grad():
             leaves = [theta.detach().requires_grad_(needs_theta)]
@@ -143,7 +152,7 @@ class _MaskedLayerFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(weight, wanted, grad_w, allow_unused=True)) if wanted else iter(())
             grad_theta = next(grads) if needs_theta else None
             grad_gain = next(grads) if gain is not None and needs_gain else None
-        return grad_x, grad_theta, None, grad_gain, grad_b, None, None, None
+        return grad_x, grad_theta, None, grad_gain, grad_b, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -190,9 +199,20 @@ class LinearOp:
         )
 
 
-def masked_layer(x, theta, mask, gain, bias, weight_fn: WeightFn, op, s_ta: float | None):
-    """Apply a masked conv / linear layer, caching its input sparsely when ``s_ta`` is a float."""
-    return _MaskedLayerFunction.apply(x, theta, mask, gain, bias, weight_fn, op, s_ta)
+def masked_layer(
+    x,
+    theta,
+    mask,
+    gain,
+    bias,
+    weight_fn: WeightFn,
+    op,
+    s_ta: float | None,
+    value_format: str = DEFAULT_SAP_FORMAT,
+):
+    """Apply a masked conv / linear layer, caching its input sparsely when ``s_ta`` is a float, its
+    kept values in ``value_format`` (:data:`common.nn.sapcache.SAP_FORMATS`)."""
+    return _MaskedLayerFunction.apply(x, theta, mask, gain, bias, weight_fn, op, s_ta, value_format)
 
 
 class BitMaskReLUFunction(torch.autograd.Function):

@@ -20,6 +20,7 @@ import torch
 from common.methods import METHODS, Method
 from common.nn.models import DEFAULT_WIDTH, MODELS, NORMS, WIDTH_MODELS
 from common.nn.nsconv import RELU_GAMMA
+from common.nn.sapcache import DEFAULT_SAP_FORMAT, SAP_FORMATS
 
 DATASETS = ("fashion-mnist", "cifar10", "cinic10", "tiny-imagenet")
 PARTITIONERS = ("dirichlet", "iid")
@@ -76,6 +77,7 @@ class RunConfig:
     norm: str = "auto"
     sap: str = "auto"
     sap_linear: bool = False
+    sap_format: str = DEFAULT_SAP_FORMAT
     bae: str = "auto"
     gamma: float = RELU_GAMMA
     delta_r: int = 2
@@ -183,6 +185,7 @@ def _range_errors(c: RunConfig) -> list[str]:
     )
     choice("norm", c.norm, ("auto", *NORMS))
     choice("sap", c.sap, SWITCH)
+    choice("sap-format", c.sap_format, SAP_FORMATS)
     choice("bae", c.bae, SWITCH)
     choice("bae-step", c.bae_step, BAE_STEPS)
     for key in ("s-tm", "s-ta", "feddip-s0", "val-fraction"):

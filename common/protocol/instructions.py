@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from common.methods import MODES
+from common.nn.sapcache import SAP_FORMATS
 from common.protocol.config import BAE_STEPS, TOPK_PASSES, RunConfig, typed_value
 from common.pruning.schedules import round_learning_rate
 
@@ -37,6 +38,7 @@ class Instructions:
     norm: str
     s_ta: float  # < 0: SAP off
     sap_linear: bool
+    sap_format: str  # how SAP stores its cached values (common.nn.sapcache)
     gamma: float
     mode: str
     mask_version: int
@@ -93,6 +95,8 @@ class Instructions:
             raise ProtocolError(f"unknown training mode {ins.mode!r}; expected one of {MODES}")
         if ins.topk_pass not in TOPK_PASSES:
             raise ProtocolError(f"unknown top-K pass {ins.topk_pass!r}; expected one of {TOPK_PASSES}")
+        if ins.sap_format not in SAP_FORMATS:
+            raise ProtocolError(f"unknown SAP cache format {ins.sap_format!r}; expected one of {SAP_FORMATS}")
         if ins.bae_step not in BAE_STEPS:
             raise ProtocolError(f"unknown BaE step {ins.bae_step!r}; expected one of {BAE_STEPS}")
         if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
@@ -111,6 +115,7 @@ def round_instructions(cfg: RunConfig, server_round: int, mode: str, mask_versio
         norm=cfg.resolved_norm,
         s_ta=cfg.s_ta if cfg.sap_on else -1.0,
         sap_linear=cfg.sap_linear,
+        sap_format=cfg.sap_format,
         gamma=cfg.gamma,
         mode=mode,
         mask_version=mask_version,

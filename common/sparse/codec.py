@@ -153,25 +153,44 @@ def encode_masked(
     return EncodedTensor(fmt, shape, x.dtype, nnz, values, positions)
 
 
-def encode_above(x: torch.Tensor, threshold: float) -> EncodedTensor:
+def encode_above(
+    x: torch.Tensor, threshold: float, value_bits: int | None = None, values_from: torch.Tensor | None = None
+) -> EncodedTensor:
     """Keep the entries with ``|x| > threshold``, as a bitmap or dense, whichever is smaller.
 
     ``encode_masked(x, x.abs() > threshold, policy="single-pass")`` in effect, which SAP caches
     every activation with; contiguous float32 CPU tensors take the fused native kernels of
     :mod:`common.nn.bitkernels` (same bytes, a fraction of the passes).
+
+    ``value_bits``: the bits each value will be stored in (default: ``x``'s own), which sets where
+    dense beats a bitmap (a SAP cache that converts the values to 16 or 8 bits afterwards passes 16 or
+    8). ``values_from``: a tensor of ``x``'s shape and dtype to take the kept values from instead of
+    ``x`` (the selection still reads ``x``): SAP's int8 cache gathers ``x`` already divided by its
+    per-channel scale.
     """
     if not isinstance(x, torch.Tensor):
         raise CodecError(f"encode needs a torch.Tensor, got {type(x).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise CodecError(f"threshold must be a number, got {threshold!r}")
     x = x.detach()
-    if bitkernels.usable(x):
+    bits = 8 * x.element_size() if value_bits is None else value_bits
+    src = x if values_from is None else values_from.detach()
+    if src.shape != x.shape or src.dtype != x.dtype or src.device != x.device:
+        raise CodecError(
+            f"values_from must match x: got {tuple(src.shape)} {src.dtype} on {src.device}, "
+            f"x is {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    if bitkernels.usable(x, src):
         bitmap, counts, nnz = bitkernels.select_above(x, threshold)
-        if choose_format(tuple(x.shape), nnz, 32, "single-pass") is SparseFormat.BITMAP:
+        if choose_format(tuple(x.shape), nnz, bits, "single-pass") is SparseFormat.BITMAP:
             return EncodedTensor(
-                SparseFormat.BITMAP, tuple(x.shape), x.dtype, nnz, bitkernels.gather(x, bitmap, counts, nnz), bitmap
+                SparseFormat.BITMAP, tuple(x.shape), x.dtype, nnz, bitkernels.gather(src, bitmap, counts, nnz), bitmap
             )
-    return encode_masked(x, x.abs() > threshold, policy="single-pass")
+    keep = x.abs() > threshold
+    if bits == 8 * x.element_size():
+        return encode_masked(src, keep, policy="single-pass")
+    fmt = choose_format(tuple(x.shape), int(torch.count_nonzero(keep)), bits, "single-pass")
+    return encode_masked(src, keep, fmt=fmt)
 
 
 def encode(x: torch.Tensor, fmt: SparseFormat | str | None = None, policy: str = "paper") -> EncodedTensor:

@@ -11,6 +11,7 @@ from common.nn.models.mobilenet import mobilenet_v2
 from common.nn.models.resnet import resnet18, resnet34, resnet50
 from common.nn.models.small import alexnet, lenet5
 from common.nn.nsconv import RELU_GAMMA
+from common.nn.sapcache import DEFAULT_SAP_FORMAT
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
@@ -34,12 +35,14 @@ def build_model(
     gamma: float = RELU_GAMMA,
     sap_linear: bool = False,
     width: int | None = None,
+    sap_format: str = DEFAULT_SAP_FORMAT,
 ) -> nn.Module:
     """Build ``name`` with the given norm (``batchnorm | nsconv | none``) and SAP setting.
 
     ``act_sparsity=None`` trains with plain autograd; a float ``s_ta`` turns SAP on for the
-    convolutions, and for the linear layers too with ``sap_linear``. ``width``: the ResNets' base width
-    (None or 64: He et al.'s); other models take only the default.
+    convolutions, and for the linear layers too with ``sap_linear``; ``sap_format`` is how those caches
+    store their kept values (``fp32 | fp16 | bf16 | int8``, :mod:`common.nn.sapcache`). ``width``: the
+    ResNets' base width (None or 64: He et al.'s); other models take only the default.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -50,7 +53,7 @@ def build_model(
         kwargs["base_width"] = width
     elif width not in (None, DEFAULT_WIDTH):
         raise ValueError(f"a base width is defined for {', '.join(WIDTH_MODELS)}, not {name!r}")
-    return MODELS[name](LayerFactory(norm, act_sparsity, gamma, sap_linear), **kwargs)
+    return MODELS[name](LayerFactory(norm, act_sparsity, gamma, sap_linear, sap_format), **kwargs)
 
 
 __all__ = ["DEFAULT_WIDTH", "MODELS", "NORMS", "WIDTH_MODELS", "LayerFactory", "build_model"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from common.nn.layers import Pool2d, ReLU, SparseConv2d, SparseLinear
 from common.nn.nsconv import RELU_GAMMA, NSConv2d
+from common.nn.sapcache import DEFAULT_SAP_FORMAT, check_format
 
 Norm = Literal["batchnorm", "nsconv", "none"]
 NORMS: tuple[str, ...] = ("batchnorm", "nsconv", "none")
@@ -24,14 +25,17 @@ class LayerFactory:
     (eq. 7). ``sap_linear`` extends SAP to the linear layers, which the paper leaves out: they have no
     NSConv, and their pruned-activation gradients are the worst approximated (cosine 0.5-0.7 with the
     exact gradient on classifier heads at s_ta 0.9, against about 0.8 on convolutions).
+    ``sap_format``: how every SAP layer stores its cached values (:data:`common.nn.sapcache.SAP_FORMATS`).
     """
 
     norm: Norm = "nsconv"
     act_sparsity: float | None = None
     gamma: float = RELU_GAMMA
     sap_linear: bool = False
+    sap_format: str = DEFAULT_SAP_FORMAT
 
     def __post_init__(self):
+        check_format(self.sap_format)
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.act_sparsity is not None and not 0.0 <= self.act_sparsity <= 1.0:
@@ -61,6 +65,7 @@ class LayerFactory:
             groups=groups,
             act_sparsity=None if stem else self.act_sparsity,
             sap_capable=not stem,
+            sap_format=self.sap_format,
         )
         if self.norm == "nsconv":
             return NSConv2d(c_in, c_out, kernel, bias=True, gamma=self.gamma if after_relu else 1.0, **kwargs)
@@ -89,4 +94,10 @@ class LayerFactory:
 
     def linear(self, c_in: int, c_out: int) -> SparseLinear:
         sap = self.sap_linear and self.act_sparsity is not None
-        return SparseLinear(c_in, c_out, act_sparsity=self.act_sparsity if sap else None, sap_capable=self.sap_linear)
+        return SparseLinear(
+            c_in,
+            c_out,
+            act_sparsity=self.act_sparsity if sap else None,
+            sap_capable=self.sap_linear,
+            sap_format=self.sap_format,
+        )
