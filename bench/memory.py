@@ -1,8 +1,9 @@
 """Training memory and step time per configuration: measured, next to the paper's estimates.
 
 Run as ``python -m bench.memory``. For ResNet18 and MobileNetV2 (batch 64, 3x32x32) and each
-configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9; each dense and at parameter sparsity
-0.9) a fresh child process trains a few SGD steps and reports:
+configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9 with each cache value format of
+``sap-format``, fp32, fp16, bf16 and int8; each dense and at parameter sparsity 0.9) a fresh child
+process trains a few SGD steps and reports:
 
 - ``activation_bytes``: every storage autograd holds between forward and backward, counted
   exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
@@ -11,10 +12,15 @@ configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9; each dense and at pa
   (:data:`common.measure.runtime.TRAINING_ENV`, huge-page tensor allocation) and, from a second child, with
   glibc's default allocation, whose page faults cost SAP more than plain autograd; NSConv and
   NSConv + SAP, whose step times are compared, run ``--repeats`` times each, alternating, and the
-  median is over all their steps;
+  median is over all their steps (likewise the other SAP formats, alternating with them);
 - the appendix 7.2 memory estimate and appendix 7.3 FLOPs for the same model.
 
 Writes ``bench/results/memory.json`` and ``memory.md`` and prints the table.
+
+``--bytes-only`` measures just the activation bytes, in this process, one seeded step per
+configuration (they are deterministic: no timing, so it can run on a busy machine), and writes
+``memory_bytes.json`` and ``memory_bytes.md``: per model and SAP format, the bytes held and their
+ratio to NSConv without SAP.
 """
 
 from __future__ import annotations
@@ -36,27 +42,60 @@ from common.measure import runtime
 from common.measure.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
 from common.nn import bitkernels
 from common.nn.models import build_model
+from common.nn.sap import seed_threshold_sampler
+from common.nn.sapcache import SAP_FORMATS
 from common.pruning.masks import load_masks, random_masks, weight_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "mobilenetv2")
-# (label, norm, act_sparsity)
-CONFIGS = (("batchnorm", "batchnorm", None), ("nsconv", "nsconv", None), ("nsconv+sap", "nsconv", 0.9))
+# (label, norm, act_sparsity, sap_format): "nsconv+sap" is the fp32 cache, "nsconv+sap-<format>" the others
+CONFIGS = (
+    ("batchnorm", "batchnorm", None, "fp32"),
+    ("nsconv", "nsconv", None, "fp32"),
+    ("nsconv+sap", "nsconv", 0.9, "fp32"),
+    *((f"nsconv+sap-{f}", "nsconv", 0.9, f) for f in SAP_FORMATS if f != "fp32"),
+)
+SAP_CONFIGS = {f: "nsconv+sap" if f == "fp32" else f"nsconv+sap-{f}" for f in SAP_FORMATS}
 PARAM_SPARSITIES = (0.0, 0.9)
 BATCH, STEPS, WARMUP, REPEATS = 64, 8, 1, 3
-TIMED = ("nsconv", "nsconv+sap")  # the pair whose step-time ratio is the target
+# the configurations whose step times are compared with NSConv's (the target is on the SAP formats)
+TIMED = ("nsconv", *SAP_CONFIGS.values())
 
 
-def measure(
-    model_name: str, norm: str, act_sparsity: float | None, param_sparsity: float, batch: int, steps: int
-) -> dict:
-    """Train ``steps`` SGD steps (after one warm-up) and measure; runs inside the child process."""
+def _model(model_name: str, norm: str, act_sparsity: float | None, sap_format: str, param_sparsity: float):
     torch.manual_seed(0)
-    model = build_model(model_name, norm=norm, act_sparsity=act_sparsity)
+    seed_threshold_sampler(0x5A9)
+    model = build_model(model_name, norm=norm, act_sparsity=act_sparsity, sap_format=sap_format)
     if param_sparsity > 0:
         load_masks(
             model, random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(0))
         )
+    return model
+
+
+def held_bytes(
+    model_name: str, norm: str, act_sparsity: float | None, sap_format: str, param_sparsity: float, batch: int
+) -> int:
+    """Activation bytes held for backward in one seeded step (deterministic; ``--bytes-only``)."""
+    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
+    with SavedTensorMeter(model) as meter:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()  # the held storages are enough for backward
+    return meter.held.activation_bytes
+
+
+def measure(
+    model_name: str,
+    norm: str,
+    act_sparsity: float | None,
+    param_sparsity: float,
+    batch: int,
+    steps: int,
+    sap_format: str = "fp32",
+) -> dict:
+    """Train ``steps`` SGD steps (after one warm-up) and measure; runs inside the child process."""
+    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
     times, held = [], None
@@ -93,14 +132,22 @@ def measure(
 
 
 def run_child(
-    model_name: str, label: str, norm: str, act_sparsity, param_sparsity: float, batch: int, steps: int, allocator: str
+    model_name: str,
+    label: str,
+    norm: str,
+    act_sparsity,
+    sap_format: str,
+    param_sparsity: float,
+    batch: int,
+    steps: int,
+    allocator: str,
 ) -> dict:
     cmd = [
         sys.executable,
         "-m",
         "bench.memory",
         "--child",
-        json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps]),
+        json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps, sap_format]),
     ]
     env = (
         runtime.training_env()
@@ -144,7 +191,68 @@ def table(results: dict) -> str:
                 f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x "
                 f"| {ratio['sap_step_time_ratio_glibc']:.2f}x |"
             )
+    rows.append("")
+    rows.append(format_table(results))
     return "\n".join(rows)
+
+
+def format_table(results: dict) -> str:
+    """Per model, parameter sparsity and SAP cache format: bytes held, and their reduction and step
+    time against NSConv without SAP (step times only where measured)."""
+    rows = [
+        "| model | s_tm | SAP format | held for backward (MiB) | nsconv / this | step time this / nsconv |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model_name, entry in results["models"].items():
+        for s, per_format in entry["formats"].items():
+            for fmt, r in per_format.items():
+                step = f"{r['step_time_ratio']:.2f}x" if "step_time_ratio" in r else "-"
+                rows.append(
+                    f"| {model_name} | {s} | {fmt} | {mib(r['activation_bytes'])} | "
+                    f"{r['activation_reduction']:.2f}x | {step} |"
+                )
+    return "\n".join(rows)
+
+
+def _formats(configs: dict, s: float) -> dict:
+    """The per-format entries of one parameter sparsity from ``configs`` (label@s -> measurement)."""
+    plain = configs[f"nsconv@{s}"]
+    out = {}
+    for fmt, label in SAP_CONFIGS.items():
+        r = configs.get(f"{label}@{s}")
+        if r is None:
+            continue
+        out[fmt] = {
+            "activation_bytes": r["activation_bytes"],
+            "activation_reduction": plain["activation_bytes"] / r["activation_bytes"],
+        }
+        if "step_seconds_median" in r and "step_seconds_median" in plain:
+            out[fmt]["step_time_ratio"] = r["step_seconds_median"] / plain["step_seconds_median"]
+    return out
+
+
+def bytes_only(models: list[str], batch: int, out: Path) -> None:
+    """``--bytes-only``: activation bytes per configuration, measured in this process."""
+    results: dict = {"batch": batch, "input": [3, 32, 32], "torch": torch.__version__, "models": {}}
+    for model_name in models:
+        configs = {}
+        for s in PARAM_SPARSITIES:
+            for label, norm, act_sparsity, sap_format in CONFIGS:
+                print(f"[bench.memory] {model_name} {label} s_tm={s} (bytes) ...", file=sys.stderr, flush=True)
+                held = held_bytes(model_name, norm, act_sparsity, sap_format, s, batch)
+                configs[f"{label}@{s}"] = {"config": label, "sap_format": sap_format, "activation_bytes": held}
+        results["models"][model_name] = {
+            "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
+            "formats": {str(s): _formats(configs, s) for s in PARAM_SPARSITIES},
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_bytes.json").write_text(json.dumps(results, indent=2))
+    text = format_table(results)
+    (out / "memory_bytes.md").write_text(
+        f"# bench.memory --bytes-only (batch {batch}, 3x32x32, one seeded step each; s_ta 0.9; "
+        f"torch {torch.__version__})\n\n{text}\n"
+    )
+    print(text)
 
 
 def main() -> None:
@@ -160,9 +268,17 @@ def main() -> None:
         help="fresh-process runs of nsconv and nsconv+SAP, alternating, whose steps are pooled",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--bytes-only",
+        action="store_true",
+        help="only the activation bytes held per configuration and SAP format (no timing; memory_bytes.json)",
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
+        return
+    if args.bytes_only:
+        bytes_only(args.models, args.batch, args.out)
         return
 
     results = {
@@ -182,18 +298,20 @@ def main() -> None:
             # The two configurations whose step times are compared alternate, each time in fresh
             # processes, so that a slow spell of this shared machine does not fall on one of them only.
             for rep in range(args.repeats):
-                for label, norm, act_sparsity in CONFIGS:
+                for label, norm, act_sparsity, sap_format in CONFIGS:
                     if rep and label not in TIMED:
                         continue
                     print(f"[bench.memory] {model_name} {label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True)
-                    r = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "thp")
-                    glibc = run_child(model_name, label, norm, act_sparsity, s, args.batch, args.steps, "glibc")
+                    child = (model_name, label, norm, act_sparsity, sap_format, s, args.batch, args.steps)
+                    r = run_child(*child, "thp")
+                    glibc = run_child(*child, "glibc")
                     key = f"{label}@{s}"
                     if rep == 0:
                         configs[key] = {
                             "config": label,
                             "norm": norm,
                             "act_sparsity": act_sparsity,
+                            "sap_format": sap_format,
                             "param_sparsity": s,
                             **r,
                             "glibc": {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")},
@@ -216,6 +334,7 @@ def main() -> None:
         results["models"][model_name] = {
             "configs": configs,
             "ratios": ratios,
+            "formats": {str(s): _formats(configs, s) for s in PARAM_SPARSITIES},
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
         }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -356,3 +356,23 @@ def test_sap_format_key_is_validated_and_flows_to_every_sap_layer():
     assert layers and all(m.sap_format == "int8" for m in layers)
     with pytest.raises(ValueError, match="SAP cache format must be one of"):
         LayerFactory("nsconv", 0.9, sap_format="int4")
+
+
+def test_bench_memory_reports_bytes_per_format(tmp_path, monkeypatch):
+    """``python -m bench.memory --bytes-only`` on MobileNetV2 at batch 2: one row per format, each
+    smaller than the one before it and than NSConv without SAP."""
+    import json
+
+    from bench import memory
+
+    monkeypatch.setattr(memory, "PARAM_SPARSITIES", (0.9,))
+    memory.bytes_only(["mobilenetv2"], 2, tmp_path)
+    entry = json.loads((tmp_path / "memory_bytes.json").read_text())["models"]["mobilenetv2"]
+    formats = entry["formats"]["0.9"]
+    assert list(formats) == list(SAP_FORMATS)
+    held = {f: formats[f]["activation_bytes"] for f in SAP_FORMATS}
+    assert held["fp32"] > held["fp16"] == held["bf16"] > held["int8"]
+    plain = entry["activation_bytes"]["nsconv@0.9"]
+    for f in SAP_FORMATS:
+        assert formats[f]["activation_reduction"] == plain / held[f] > 1
+    assert "| mobilenetv2 | 0.9 | int8 |" in (tmp_path / "memory_bytes.md").read_text()
