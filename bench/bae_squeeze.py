@@ -28,18 +28,28 @@ from server.results import read_results
 
 
 def penalty_only_ratio(
-    steps: int, eta_t: float, eta0: float, momentum: float, lam: float, weight_decay: float, start_norm: float
+    steps: int,
+    eta_t: float,
+    eta0: float,
+    momentum: float,
+    lam: float,
+    weight_decay: float,
+    start_norm: float,
+    proximal: bool = False,
 ) -> float:
     """‖θ_low‖ after ``steps`` steps over before, under the penalty and weight decay alone, with the
     learning rate of eq. 4 (``budget_lr``) and PyTorch's SGD momentum from an empty buffer.
 
     Every marked weight scales alike (the penalty's gradient is ``2λθ``), so one scalar follows them;
-    the sign is kept: a negative ratio is an overshoot through zero."""
+    the sign is kept: a negative ratio is an overshoot through zero. ``proximal``: ``bae-step =
+    proximal``, the penalty's proximal step after the optimizer's (which then sees weight decay only)."""
     theta, velocity = 1.0, 0.0
     for step in range(steps):
         lr = budget_lr(eta_t, eta0, step, steps, abs(theta) * start_norm)
-        velocity = momentum * velocity + (2 * lam + weight_decay) * theta
+        velocity = momentum * velocity + (weight_decay if proximal else 2 * lam + weight_decay) * theta
         theta -= lr * velocity
+        if proximal:
+            theta /= 1 + 2 * lam * lr
     return theta
 
 
@@ -65,6 +75,7 @@ def squeeze_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     cfg["bae-lambda"],
                     cfg["weight-decay"],
                     c["bae_norm_start"],
+                    cfg.get("bae-step") == "proximal",
                 ),
             )
             for c in clients

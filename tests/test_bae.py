@@ -131,3 +131,10 @@ def test_in_the_loss_under_momentum_the_penalty_swings_the_marks_through_zero_th
     assert plain == pytest.approx([0.7**k for k in range(1, 13)])  # no momentum: (1 - 2 lambda mu)^k
     heavy = [penalty_only_ratio(k, 0.05, 0.05, 0.9, 3.0, 0.0, 1e-3) for k in range(1, 13)]
     assert min(heavy) < -0.3 and max(heavy[6:]) > 0.3  # past zero, and back: the client's step count decides
+
+
+def test_the_proximal_steps_penalty_only_model_shrinks_monotonically_by_one_over_one_plus_two_lambda_mu():
+    from bench.bae_squeeze import penalty_only_ratio
+
+    prox = [penalty_only_ratio(k, 0.05, 0.05, 0.9, 3.0, 0.0, 1e-3, proximal=True) for k in range(1, 13)]
+    assert prox == pytest.approx([1.3**-k for k in range(1, 13)])  # momentum never sees the penalty
