@@ -25,7 +25,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from common.data.datasets import DataError, Split, load_dataset
+from common.data.datasets import DataError, Dataset, Split, load_dataset
 from common.measure import runtime
 from common.nn.models import Norm, build_model
 from common.nn.training import evaluate
@@ -53,6 +53,21 @@ def global_model(cfg: RunConfig, num_classes: int, in_channels: int) -> nn.Modul
         gamma=cfg.gamma,
         width=cfg.width,
     )
+
+
+def check_model_takes(cfg: RunConfig, data: Dataset) -> None:
+    """A ConfigError unless the run's model takes the data set's images: a model sized for other images
+    (LeNet-5's classifier expects 28x28) would otherwise fail in every client with a shape error."""
+    shape = tuple(data.test.images.shape[1:])
+    model = global_model(cfg, data.num_classes, data.in_channels)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"model = {cfg.model!r} does not take the {cfg.dataset} images ({' x '.join(map(str, shape))}): "
+            f"{str(exc).splitlines()[0]}; choose a model made for them (`model` in the README's configuration table)"
+        ) from exc
 
 
 class GlobalEvaluator:
@@ -139,6 +154,7 @@ def main(grid: Grid, context: Context) -> None:
                 f"{out} holds the checkpoint of an unfinished run: continue it with resume = true, "
                 "or choose another run-name"
             )
+        check_model_takes(cfg, data)
     except (ConfigError, DataError) as exc:
         # raised, not SystemExit: Flower reports an exception in the run's status and in
         # `flwr run --stream`, but a ServerApp that exits quietly only after its heartbeat times out
