@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -53,19 +54,15 @@ def _base_config(steps: int) -> dict:
 
 
 def _train_message(run_config: dict, out: Path) -> Path:
-    """Serialise the round-1 train message the server would send to this node."""
-    from flwr.common.serde import recorddict_to_proto
-    from flwr.supercore.task_identity import TaskIdentity
-
+    """The content of the round-1 train message the server would send to this node, pickled for the
+    child process this script starts itself (flwr's public API has no record serialiser)."""
     from common.protocol.config import parse_run_config
     from server.server_app import global_model
     from server.strategy import make_strategy
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what a ServerApp task has
     cfg = parse_run_config(run_config)
     strategy = make_strategy(cfg, global_model(cfg, 10, 3))
-    content = strategy.message_for(1, strategy.instructions(1), "train").content
-    out.write_bytes(recorddict_to_proto(content).SerializeToString())
+    out.write_bytes(pickle.dumps(strategy.content_for(1, strategy.instructions(1))))
     return out
 
 
@@ -73,13 +70,9 @@ def _child(cgroup: Path, message: Path, partition: Path, run_config: dict) -> No
     """Join the cgroup first, then import torch and run the ClientApp's train handler once."""
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     from flwr.app import Context, Message, Metadata, RecordDict
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from client.client_app import train
 
-    proto = ProtoRecordDict()
-    proto.ParseFromString(message.read_bytes())
     metadata = Metadata(
         run_id=1,
         message_id="m1",
@@ -91,7 +84,7 @@ def _child(cgroup: Path, message: Path, partition: Path, run_config: dict) -> No
         ttl=3600,
         message_type="train",
     )
-    msg = Message(content=recorddict_from_proto(proto), metadata=metadata)
+    msg = Message(content=pickle.loads(message.read_bytes()), metadata=metadata)
     context = Context(
         run_id=1, node_id=1, node_config={"data-path": str(partition)}, state=RecordDict(), run_config=run_config
     )

@@ -605,7 +605,14 @@ class SparseStrategy(Strategy):
         self._mask_bits = None
 
     def message_for(self, node: int, ins: Instructions, message_type: str) -> Message:
-        """The message for one node: its instructions, the model's values and, if stale, the mask."""
+        """The message for one node, its sent bytes recorded for the round's results."""
+        content = self.content_for(node, ins)
+        if message_type == MessageType.TRAIN and self.round is not None:
+            self.round.sent[node] = (self.mask_version, content_bytes(content))
+        return Message(content=content, dst_node_id=node, message_type=message_type)
+
+    def content_for(self, node: int, ins: Instructions) -> RecordDict:
+        """What one node receives: its instructions, the model's values and, if stale, the mask."""
         sparse = self.mode != "dense"
         content = RecordDict(
             {
@@ -615,9 +622,7 @@ class SparseStrategy(Strategy):
         )
         if sparse and self.node_versions.get(node) != self.mask_version:
             content["masks"] = to_array_record({"bits": self._encoded_masks()})
-        if message_type == MessageType.TRAIN and self.round is not None:
-            self.round.sent[node] = (self.mask_version, content_bytes(content))
-        return Message(content=content, dst_node_id=node, message_type=message_type)
+        return content
 
     def _encoded_masks(self) -> np.ndarray:
         """The global mask as it travels, encoded once per mask (ResNet18: 1-3 s a time here), not

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make a Raspberry Pi (4B, Raspberry Pi OS Lite 64-bit) a SuperNode of the federation:
 #   - a Python venv in /opt/fedmef/venv with the pinned wheels of requirements-aarch64.txt
-#     (torch 2.9.1 CPU, flwr 1.41.0, ...), nothing compiled on the Pi;
+#     (torch 2.9.1 CPU, flwr 1.42.0, ...), nothing compiled on the Pi;
 #   - the system user `flower`, /etc/fedmef (CA, device key) and /var/lib/fedmef (data partition);
 #   - the systemd unit flower-supernode.service and its settings file /etc/default/flower-supernode.
 # The ClientApp's code itself comes from the SuperLink with each run.
@@ -34,7 +34,7 @@ apt-get update -q
 # compiler it falls back to torch code that makes a SAP step up to 2x slower.
 apt-get install -y -q python3 python3-venv gcc libc6-dev
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || die "Python $(python3 -V) is too old: Flower 1.41 needs 3.10 or newer (Raspberry Pi OS bookworm has 3.11)"
+    || die "Python $(python3 -V) is too old: Flower 1.42 needs 3.10 or newer (Raspberry Pi OS bookworm has 3.11)"
 
 echo "== user and folders"
 id flower >/dev/null 2>&1 || useradd --system --user-group --home-dir /var/lib/flower-supernode --shell /usr/sbin/nologin flower

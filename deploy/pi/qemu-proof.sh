@@ -6,7 +6,7 @@
 #      beyond the pins, `pip check`);
 #   2. run one FedMef round of this project's ClientApp: the server's strategy builds round 2's train
 #      message (LeNet-5, NSConv + SAP s_ta 0.9, masked, BaE with per-layer counts, top-K requested,
-#      5 steps of batch 32), it is serialised as on the wire, and the ClientApp's train handler trains
+#      5 steps of batch 32), and the ClientApp's train handler trains
 #      on a Fashion-MNIST partition file made by deploy.prepare_partitions, with SAP's C kernels
 #      compiled by the chroot's gcc; then the same round on SAP's torch code must give a
 #      bit-identical reply;
@@ -193,14 +193,12 @@ start = time.perf_counter()
 import flwr
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train
 from common.nn import bitkernels, sap
 from common.protocol.config import parse_run_config
 from common.nn.models import build_model
+from common.protocol.wire import content_bytes
 from server.strategy import make_strategy
 imported = time.perf_counter() - start
 
@@ -216,25 +214,23 @@ if platform.machine() != "aarch64" or hwcap & 1 << 8:
     sys.exit("not an emulated ARMv8.0 CPU: the proof would prove nothing")
 
 # The server: FedMef's strategy builds round 2's train message (with delta-r 2 an adjustment round:
-# BaE counts per layer, top-K asked for) and it is serialised as it travels to the SuperNode.
+# BaE counts per layer, top-K asked for). It is handed over as records, not through Flower's wire
+# encoding (flwr has no public serialiser); a real transport to an arm64 node is the compose federation's.
 values = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
 values.update({"strategy": "fedmef", "model": "lenet5", "norm": "nsconv", "sap": "on", "s-ta": 0.9,
                "bae": "on", "max-local-steps": 5, "batch-size": 32, "min-train-nodes": 1})
 cfg = parse_run_config(values)
-TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # Flower sets these in a ServerApp
 torch.manual_seed(cfg.seed)  # the initial model, as the ServerApp seeds it
 strategy = make_strategy(cfg, build_model(cfg.model, norm=cfg.resolved_norm, gamma=cfg.gamma))
 ins = strategy.instructions(2)
 if not (ins.counts and ins.bae and ins.topk and ins.mode == "masked"):
     sys.exit(f"round 2 is not a masked BaE/top-K round: {ins}")
-wire = recorddict_to_proto(strategy.message_for(1, ins, "train").content).SerializeToString()
+content = strategy.content_for(1, ins)
 print(f"server: {cfg.model} {ins.norm}, SAP s_ta {ins.s_ta}, mode {ins.mode}, BaE on {sum(ins.counts)} weights, "
-      f"top-K {ins.topk}, {ins.max_local_steps} steps of batch {ins.batch_size}; message {len(wire)} bytes")
+      f"top-K {ins.topk}, {ins.max_local_steps} steps of batch {ins.batch_size}; message {content_bytes(content)} bytes")
 
 # The SuperNode: the ClientApp's train handler on this device's partition file.
-proto = ProtoRecordDict()
-proto.ParseFromString(wire)
-msg = Message(content=recorddict_from_proto(proto), metadata=Metadata(
+msg = Message(content=content, metadata=Metadata(
     run_id=1, message_id="qemu-proof", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="2",
     created_at=time.time(), ttl=3600, message_type="train"))
 

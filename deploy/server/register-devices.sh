@@ -8,12 +8,12 @@
 #               a folder stands for every *.pub in it
 #
 # Safe to re-run: a key the SuperLink already holds is reported and skipped. Each call is
-# `flwr supernode register KEY.pub CONNECTION` (flwr 1.41).
+# `flwr supernode register KEY.pub CONNECTION` (flwr 1.42).
 set -euo pipefail
 
 die() { echo "register-devices.sh: $*" >&2; exit 1; }
 [[ $# -ge 2 ]] || die "usage: $0 CONNECTION KEY.pub|DIR [...] (see the top of this script)"
-command -v flwr >/dev/null || die "flwr is not on PATH: activate the venv that has flwr==1.41.0"
+command -v flwr >/dev/null || die "flwr is not on PATH: activate the venv that has flwr==1.42.0"
 connection=$1
 shift
 

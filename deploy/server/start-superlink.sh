@@ -14,7 +14,7 @@
 # the devices reach the Fleet API through start-fleet-proxy.sh, and the operator runs `flwr` on this
 # server or through an SSH tunnel (deploy/README.md).
 #   FEDMEF_NODE_AUTH  1: only SuperNodes whose key is registered may join; 0: any    (default: 1)
-# The flwr 1.41 venv with this project installed (make .venv/.installed) must be first on PATH:
+# The flwr 1.42 venv with this project installed (make .venv/.installed) must be first on PATH:
 # the SuperLink starts flower-superexec by name, and that runs the ServerApp.
 set -euo pipefail
 
@@ -27,7 +27,7 @@ node_auth=${FEDMEF_NODE_AUTH:-1}
 
 die() { echo "start-superlink.sh: $*" >&2; exit 1; }
 for tool in flower-superlink flower-superexec; do
-    command -v "$tool" >/dev/null || die "$tool is not on PATH: put the project's venv (flwr 1.41.0) first on PATH"
+    command -v "$tool" >/dev/null || die "$tool is not on PATH: put the project's venv (flwr 1.42.0) first on PATH"
 done
 for file in ca.crt server.pem server.key; do
     [[ -r $pki/$file ]] || die "$pki/$file is missing or unreadable: make it with deploy/server/make-pki.sh or set FEDMEF_PKI"
