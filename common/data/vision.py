@@ -1,9 +1,9 @@
 """torchvision made importable next to the torch that is installed: :func:`ensure_torchvision` runs before
 the project's every ``import torchvision``.
 
-PyPI's Linux torchvision 0.28.0 is a CUDA build. Next to the CPU build of torch 2.13.0 (which the
-project pins, ``make`` installs where PyTorch's CPU index does not answer) its C extension does not
-load, and ``import torchvision`` then fails with ``operator torchvision::nms does not exist``
+PyPI's Linux torchvision 0.28.0 is a CUDA build, which ``make`` installs where PyTorch's CPU index (and
+its ``+cpu`` torchvision) does not answer. Next to the project's CPU torch 2.13.0 its C extension does
+not load, and ``import torchvision`` then fails with ``operator torchvision::nms does not exist``
 (pytorch/vision#9077): its fake-tensor registrations for the two detection ops ``nms`` and ``qnms``
 need the ops' schemas, which only the extension declares. Declaring those two schemas with
 :mod:`torch.library` first lets the import finish; datasets, transforms and models need no compiled
@@ -20,11 +20,8 @@ import functools
 
 import torch
 
-# The schemas torchvision's C extension declares (torchvision/csrc/ops/nms.cpp, quantized/cpu/qnms_kernel.cpp).
-_OP_SCHEMAS = {
-    "torchvision::nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "torchvision::qnms": "(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
-}
+# As torchvision's C extension declares them (their text is in its _C.so); both take the same arguments.
+_OP_SCHEMAS = {op: "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor" for op in ("nms", "qnms")}
 
 
 @functools.cache
@@ -37,5 +34,5 @@ def ensure_torchvision() -> None:
         if "torchvision::nms does not exist" not in str(exc):
             raise
         for name, schema in _OP_SCHEMAS.items():
-            torch.library.define(name, schema)
+            torch.library.define(f"torchvision::{name}", schema)
         import torchvision  # noqa: F401
