@@ -6,6 +6,8 @@ PY := .venv/bin/python
 # torch: `cpu` (default) is the CPU build, from PyTorch's CPU index where it answers, else from pip's own
 # sources (a local wheel on the project's build machine); without either it fails rather than take
 # PyPI's Linux torch, which is the multi-GB CUDA build. `make TORCH=cuda` takes that CUDA build on purpose.
+# torchvision comes with torch: the CPU index's +cpu build where it answers; otherwise PyPI's, a CUDA build
+# that pulls no CUDA package itself and runs on the CPU torch through common/data/vision.py's shim.
 TORCH ?= cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
@@ -14,9 +16,10 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 	# torch first and pinned; the constraints file keeps every later step from replacing it
 	case "$(TORCH)" in \
 	  cpu) if $(PY) -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; \
-	       then $(PY) -m pip install -q -c .ci/constraints.txt --extra-index-url $(TORCH_CPU_INDEX) "torch==2.13.0+cpu"; \
-	       else $(PY) -m pip install -q -c .ci/constraints.txt "torch==2.13.0+cpu"; fi ;; \
-	  cuda) $(PY) -m pip install -q -c .ci/constraints.txt torch==2.13.0 ;; \
+	       then $(PY) -m pip install -q -c .ci/constraints.txt --extra-index-url $(TORCH_CPU_INDEX) \
+	              "torch==2.13.0+cpu" "torchvision==0.28.0+cpu"; \
+	       else $(PY) -m pip install -q -c .ci/constraints.txt "torch==2.13.0+cpu" torchvision==0.28.0; fi ;; \
+	  cuda) $(PY) -m pip install -q -c .ci/constraints.txt torch==2.13.0 torchvision==0.28.0 ;; \
 	  *) echo "TORCH must be cpu or cuda, not '$(TORCH)'" >&2; exit 2 ;; \
 	esac
 	$(PY) -m pip install -q -c .ci/constraints.txt -e ".[test,lint]"

@@ -27,6 +27,7 @@ from common.data.datasets import (
     load_fashion_mnist,
     load_tiny_imagenet,
 )
+from common.data.vision import ensure_torchvision
 
 FM_MEAN, FM_STD = 0.2860, 0.3530
 C10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -189,16 +190,17 @@ def test_cifar10_npz_path(tmp_path):
     _check_cifar(load_cifar10(tmp_path / "cifar10.npz"))
 
 
-def test_cifar10_python_pickles(tmp_path):
-    arrays = _cifar_arrays(n_train=5)
-    batches = tmp_path / "cifar-10-batches-py"
-    batches.mkdir()
-    for i in range(5):
-        entry = {b"data": arrays["x_train"][i : i + 1], b"labels": [int(arrays["y_train"][i])]}
-        (batches / f"data_batch_{i + 1}").write_bytes(pickle.dumps(entry))
-    (batches / "test_batch").write_bytes(pickle.dumps({b"data": arrays["x_test"], b"labels": [9, 1]}))
+def test_cifar10_python_pickles(tmp_path, monkeypatch):
+    batches = _write_pickles(tmp_path, _cifar_arrays(n_train=5), [9, 1], monkeypatch)
     _check_cifar(load_cifar10(tmp_path), n_train=5)
     _check_cifar(load_cifar10(batches), n_train=5)
+
+
+def test_cifar10_pickles_that_are_not_the_official_files_are_refused(tmp_path):
+    batches = _write_pickles(tmp_path, _cifar_arrays(n_train=5), [9, 1])  # well-formed, not the archive's MD5s
+    with pytest.raises(DataError, match="not those of the official archive") as info:
+        load_cifar10(tmp_path)
+    assert str(batches) in str(info.value)
 
 
 def test_cifar10_npz_missing_key_raises(tmp_path):
@@ -219,9 +221,9 @@ def test_cifar10_npz_that_is_damaged_or_no_npz_says_so_without_inviting_unsafe_l
     assert "allow_pickle" not in str(caught.value)
 
 
-def test_cifar10_damaged_pickle_raises(tmp_path):
-    for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (tmp_path / n).write_bytes(b"not a pickle")
+def test_cifar10_damaged_pickle_raises(tmp_path, monkeypatch):
+    batches = _write_pickles(tmp_path, _cifar_arrays(n_train=5), [9, 1], monkeypatch)
+    (batches / "data_batch_3").write_bytes(b"not a pickle")  # its MD5 no longer the one expected
     with pytest.raises(DataError, match="damaged"):
         load_cifar10(tmp_path)
 
@@ -271,24 +273,41 @@ def test_cifar10_npz_count_mismatch_raises(tmp_path):
         load_cifar10(tmp_path)
 
 
-def _write_pickles(folder, arrays, test_labels):
+def _write_pickles(root, arrays, test_labels, monkeypatch=None):
+    """The official archive's cifar-10-batches-py/ in ``root``, with ``arrays`` in it (str keys: the
+    archive's Python 2 pickles unpickle so with latin-1); with ``monkeypatch``, torchvision's CIFAR10 is
+    told these files' MD5s, as if they were the official ones."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(exist_ok=True)
     for i in range(5):
-        entry = {b"data": arrays["x_train"][i : i + 1], b"labels": [int(arrays["y_train"][i])]}
+        entry = {"data": arrays["x_train"][i : i + 1], "labels": [int(arrays["y_train"][i])]}
         (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(entry))
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": arrays["x_test"], b"labels": test_labels}))
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": arrays["x_test"], "labels": test_labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["airplane", "automobile"]}))
+    if monkeypatch is not None:
+        ensure_torchvision()
+        from torchvision.datasets import CIFAR10
+
+        def md5(name):
+            return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+        monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(f"data_batch_{i}")] for i in range(1, 6)])
+        monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5("test_batch")]])
+        monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5("batches.meta")})
+    return folder
 
 
-def test_cifar10_pickle_count_mismatch_raises(tmp_path):
-    _write_pickles(tmp_path, _cifar_arrays(n_train=5), test_labels=[9])
+def test_cifar10_pickle_count_mismatch_raises(tmp_path, monkeypatch):
+    _write_pickles(tmp_path, _cifar_arrays(n_train=5), [9], monkeypatch)
     with pytest.raises(DataError, match="labels"):
         load_cifar10(tmp_path)
 
 
-def test_cifar10_pickle_bad_row_size_raises(tmp_path):
+def test_cifar10_pickle_bad_row_size_raises(tmp_path, monkeypatch):
     arrays = _cifar_arrays(n_train=5)
     arrays["x_test"] = np.zeros((2, 3000), np.uint8)
-    _write_pickles(tmp_path, arrays, test_labels=[9, 1])
-    with pytest.raises(DataError, match="test_batch"):
+    _write_pickles(tmp_path, arrays, [9, 1], monkeypatch)
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
         load_cifar10(tmp_path)
 
 
@@ -477,9 +496,7 @@ def _tar_gz(path, entries):
 
 
 def test_download_cifar10_extracts_pickles(tmp_path, monkeypatch):
-    pickles = tmp_path / "pickles"
-    pickles.mkdir()
-    _write_pickles(pickles, _cifar_arrays(n_train=5), test_labels=[9, 1])
+    pickles = _write_pickles(tmp_path, _cifar_arrays(n_train=5), [9, 1], monkeypatch)
     archive = tmp_path / "server" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
     _tar_gz(
@@ -492,6 +509,14 @@ def test_download_cifar10_extracts_pickles(tmp_path, monkeypatch):
     _check_cifar(load_dataset("cifar10", data, download=True), n_train=5)
     assert _files(data) == sorted(f"cifar-10-batches-py/{p.name}" for p in pickles.iterdir())  # no link, no archive
     assert [p.name for p in data.iterdir()] == ["cifar-10-batches-py"]
+
+
+def test_cifar10_download_is_the_archive_torchvision_reads():
+    ensure_torchvision()
+    from torchvision.datasets import CIFAR10
+
+    (download,) = datasets_module._DOWNLOADS["cifar10"]
+    assert (download.url, download.md5) == (CIFAR10.url, CIFAR10.tgz_md5)
 
 
 @pytest.mark.parametrize("evil", ["../evil", "cifar-10-batches-py/../../evil", "/tmp/evil-absolute"])

@@ -612,7 +612,7 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
     )
     assert run.returncode == 0, f"the ClientApp needs more than the Pi's pins:\n{run.stderr[-2000:]}"
     # what only the simulation needs stays off the Pi
-    assert not {"datasets", "flwr_datasets", "ray", "pyarrow", "pandas"} & set(json.loads(run.stdout))
+    assert not {"datasets", "flwr_datasets", "ray", "pyarrow", "pandas", "torchvision"} & set(json.loads(run.stdout))
 
 
 # ---------------------------------------------------------------- partition files

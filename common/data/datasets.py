@@ -1,11 +1,26 @@
 """Image datasets as in-memory tensors, read from the files users actually have.
 
 Fashion-MNIST: the four ``*-idx?-ubyte[.gz]`` files (Debian's ``dataset-fashion-mnist`` puts them in
-``/usr/share/datasets/fashion-mnist``). CIFAR-10: either the ``cifar-10-batches-py`` pickles of the
-official archive or a ``cifar10.npz`` with ``x_train, y_train, x_test, y_test`` (rows of 3072 bytes).
-CINIC-10 and Tiny ImageNet: their unpacked image folders. Without a data dir each dataset is also
-looked for in ``~/.cache/fedmef/<name>``, where :func:`download_dataset` puts Fashion-MNIST and
-CIFAR-10. A missing or damaged file raises :class:`DataError` saying how to get it.
+``/usr/share/datasets/fashion-mnist``). CIFAR-10: either the ``cifar-10-batches-py`` folder of the
+official archive (read and MD5-checked by ``torchvision.datasets.CIFAR10``) or a ``cifar10.npz`` with
+``x_train, y_train, x_test, y_test`` (rows of 3072 bytes). CINIC-10 and Tiny ImageNet: their unpacked
+image folders (``torchvision.datasets.ImageFolder``). Without a data dir each dataset is also looked for
+in ``~/.cache/fedmef/<name>``, where :func:`download_dataset` puts Fashion-MNIST and CIFAR-10. A missing
+or damaged file raises :class:`DataError` saying how to get it.
+
+What torchvision does not do here stays in this module:
+
+- Fashion-MNIST's IDX files: ``torchvision.datasets.FashionMNIST`` reads only uncompressed files under
+  ``<root>/FashionMNIST/raw/``, so Debian's ``.gz`` files would have to be unpacked into a copy (about
+  55 MB) first; its parser also reports a truncated file as a bare ``AssertionError``.
+- Tiny ImageNet's validation images: one folder labelled by ``val_annotations.txt``, not class folders.
+- Downloads: torchvision's ``download_url`` has no timeout (a black-holed network hangs it), retries a
+  failed HTTPS download over plain HTTP, checks MD5 only, and its ``extract_archive`` extracts a tar
+  with no filter (before Python 3.14 its members may land outside the target). :func:`download_dataset`
+  times out, checks SHA-256 and MD5, and extracts only regular files inside the target.
+
+torchvision is imported inside the loaders (through :mod:`common.data.vision`): the ClientApp imports
+this module for its types and errors, and a device that only reads partition files need not have it.
 """
 
 from __future__ import annotations
@@ -29,6 +44,8 @@ from zipfile import BadZipFile
 import numpy as np
 import torch
 from PIL import Image
+
+from common.data.vision import ensure_torchvision
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 CACHE_DIR = Path.home() / ".cache" / "fedmef"
@@ -106,7 +123,6 @@ _DOWNLOADS = {
     ),
 }
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class DataError(RuntimeError):
@@ -293,6 +309,9 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
     raise DataNotFound(f"Fashion-MNIST not found in {', '.join(map(str, folders))}: {FASHION_MNIST_HELP}")
 
 
+_CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+
+
 def load_cifar10(data_dir: str | Path | None = None) -> Dataset:
     """CIFAR-10 (3x32x32) from the official python pickles or an ``.npz`` in ``data_dir`` (or the cache)."""
     folder = Path(data_dir) if data_dir else CACHE_DIR / "cifar10"
@@ -308,55 +327,61 @@ def load_cifar10(data_dir: str | Path | None = None) -> Dataset:
             _checked_split("cifar10", _cifar_images(parts["x_test"], npz), parts["y_test"], npz, CIFAR10_HELP),
             10,
         )
-    batches = folder / "cifar-10-batches-py" if (folder / "cifar-10-batches-py").is_dir() else folder
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    if all((batches / n).is_file() for n in names):
-        loaded = {}
-        for n in names:
-            try:
-                with open(batches / n, "rb") as fh:
-                    entry = pickle.load(fh, encoding="bytes")
-                loaded[n] = (np.asarray(entry[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(entry[b"labels"]))
-            except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
-                raise DataError(f"cannot read {batches / n}: {exc}; the file is damaged, {CIFAR10_HELP}") from exc
-        train_x = np.concatenate([loaded[n][0] for n in names[:5]])
-        train_y = np.concatenate([loaded[n][1] for n in names[:5]])
-        return Dataset(
-            "cifar10",
-            _checked_split("cifar10", train_x, train_y, batches, CIFAR10_HELP),
-            _checked_split("cifar10", *loaded["test_batch"], batches, CIFAR10_HELP),
-            10,
-        )
+    # torchvision's CIFAR10 takes the folder that holds cifar-10-batches-py; either may be given here.
+    root = folder.parent if folder.name == "cifar-10-batches-py" else folder
+    batches = root / "cifar-10-batches-py"
+    if all((batches / n).is_file() for n in _CIFAR10_BATCHES):
+        ensure_torchvision()
+        from torchvision.datasets import CIFAR10
+
+        try:
+            train, test = (CIFAR10(str(root), train=is_train) for is_train in (True, False))
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+            raise DataError(
+                f"cannot read {batches} ({exc}): its files are damaged or not those of the official archive, "
+                f"{CIFAR10_HELP}"
+            ) from exc
+
+        def split(part: CIFAR10) -> Split:
+            # torchvision turned the pickles' NCHW rows into NHWC by a transpose; undone, it is the file's order
+            images = np.asarray(part.data).transpose(0, 3, 1, 2)
+            return _checked_split("cifar10", images, np.asarray(part.targets), batches, CIFAR10_HELP)
+
+        return Dataset("cifar10", split(train), split(test), 10)
     raise DataNotFound(f"CIFAR-10 not found in {folder}: {CIFAR10_HELP}")
 
 
-def _image_files(folder: Path, help_text: str) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder} is missing: the dataset is incomplete; {help_text}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+def _image_folder(folder: Path, help_text: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names (sorted folder names) and (image file, label) pairs of a class-per-folder tree."""
+    ensure_torchvision()
+    from torchvision.datasets import ImageFolder
+
+    try:
+        # allow_empty: an empty class folder is the caller's to judge, with the classes in view
+        found = ImageFolder(str(folder), allow_empty=True)
+    except OSError as exc:
+        raise DataError(f"cannot list the classes of {folder}: {exc}; {help_text}") from exc
+    return found.classes, found.samples
 
 
-def _read_images(paths: list[Path], size: int, help_text: str) -> np.ndarray:
-    """Image files -> uint8 (N, 3, size, size); grayscale and palette images become RGB."""
-    images = np.empty((len(paths), 3, size, size), np.uint8)
-    for i, path in enumerate(paths):
+def _image_split(name: str, files: list[tuple[str, int]], size: int, source: Path, help_text: str) -> Split:
+    """(image file, label) pairs -> a Split of uint8 (N, 3, size, size); grayscale and palette images
+    become RGB, as torchvision's image folders load them."""
+    if not files:
+        raise DataError(f"no images in {source}; {help_text}")
+    ensure_torchvision()
+    from torchvision.datasets.folder import pil_loader
+
+    images = np.empty((len(files), 3, size, size), np.uint8)
+    for i, (path, _) in enumerate(files):
         try:
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"))
+            pixels = np.asarray(pil_loader(path))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {path}: {exc}; the file is damaged, {help_text}") from exc
         if pixels.shape != (size, size, 3):
             raise DataError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels, not {size}x{size}; {help_text}")
         images[i] = pixels.transpose(2, 0, 1)
-    return images
-
-
-def _image_split(name: str, files: list[tuple[Path, int]], size: int, source: Path, help_text: str) -> Split:
-    """(image file, label) pairs -> a Split."""
-    if not files:
-        raise DataError(f"no images in {source}; {help_text}")
-    paths, labels = zip(*files, strict=True)
-    return _split(name, _read_images(list(paths), size, help_text), np.array(labels))
+    return _split(name, images, np.array([label for _, label in files]))
 
 
 def _read_text(path: Path, help_text: str) -> str:
@@ -372,19 +397,17 @@ def load_cinic10(data_dir: str | Path | None = None) -> Dataset:
     train_dir, test_dir = root / "train", root / "test"
     if not (train_dir.is_dir() and test_dir.is_dir()):
         raise DataNotFound(f"CINIC-10 not found in {root} (no train/ and test/ folders): {CINIC10_HELP}")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
-    if not classes or classes != test_classes:
+    (classes, train), (test_classes, test) = (_image_folder(d, CINIC10_HELP) for d in (train_dir, test_dir))
+    if classes != test_classes:
         raise DataError(
-            f"{root}: the class folders of train/ {classes} and test/ {test_classes} differ or are "
-            f"missing; {CINIC10_HELP}"
+            f"{root}: the class folders of train/ {classes} and test/ {test_classes} differ; {CINIC10_HELP}"
         )
-
-    def split(folder: Path) -> Split:
-        files = [(path, label) for label, c in enumerate(classes) for path in _image_files(folder / c, CINIC10_HELP)]
-        return _image_split("cinic10", files, 32, folder, CINIC10_HELP)
-
-    return Dataset("cinic10", split(train_dir), split(test_dir), len(classes))
+    return Dataset(
+        "cinic10",
+        _image_split("cinic10", train, 32, train_dir, CINIC10_HELP),
+        _image_split("cinic10", test, 32, test_dir, CINIC10_HELP),
+        len(classes),
+    )
 
 
 def load_tiny_imagenet(data_dir: str | Path | None = None) -> Dataset:
@@ -401,10 +424,14 @@ def load_tiny_imagenet(data_dir: str | Path | None = None) -> Dataset:
             f"Tiny ImageNet not found in {root} (no wnids.txt and val/val_annotations.txt): {TINY_IMAGENET_HELP}"
         )
     wnids = sorted(set(_read_text(wnids_file, TINY_IMAGENET_HELP).split()))
+    # train/<wnid>/ holds images/ and a boxes file, which the image folder skips as no image
+    classes, train = _image_folder(root / "train", TINY_IMAGENET_HELP)
+    if classes != wnids:
+        raise DataError(
+            f"{root}: wnids.txt lists {sorted(set(wnids) - set(classes))} without a folder in train/ and train/ "
+            f"has {sorted(set(classes) - set(wnids))} not in wnids.txt; {TINY_IMAGENET_HELP}"
+        )
     label = {wnid: i for i, wnid in enumerate(wnids)}
-    train = [
-        (path, label[w]) for w in wnids for path in _image_files(root / "train" / w / "images", TINY_IMAGENET_HELP)
-    ]
     test = []
     for number, line in enumerate(_read_text(annotations, TINY_IMAGENET_HELP).splitlines(), 1):
         fields = line.split()  # file, wnid, then a bounding box
@@ -415,7 +442,7 @@ def load_tiny_imagenet(data_dir: str | Path | None = None) -> Dataset:
                 f"{annotations} line {number}: expected '<file> <wnid from wnids.txt> ...', "
                 f"got {line!r}; {TINY_IMAGENET_HELP}"
             )
-        test.append((root / "val" / "images" / fields[0], label[fields[1]]))
+        test.append((str(root / "val" / "images" / fields[0]), label[fields[1]]))
     return Dataset(
         "tiny-imagenet",
         _image_split("tiny-imagenet", train, 64, root / "train", TINY_IMAGENET_HELP),
