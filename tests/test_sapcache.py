@@ -218,9 +218,9 @@ def test_int8_scales_missing_or_mis_shaped_are_refused():
             decode_cache(SapCache.rebuild(good.meta, (good.values, good.positions, bad)))
     fp16 = _good("fp16")
     with pytest.raises(CodecError, match="carries no scale"):
-        decode_cache(SapCache("fp16", *fp16.meta[1:], fp16.values, fp16.positions, torch.ones(3)))
+        decode_cache(SapCache("fp16", *fp16.meta[1:6], fp16.values, fp16.positions, torch.ones(3)))
     with pytest.raises(CodecError, match="unknown SAP cache format 'fp8'"):
-        decode_cache(SapCache("fp8", *fp16.meta[1:], fp16.values, fp16.positions))
+        decode_cache(SapCache("fp8", *fp16.meta[1:6], fp16.values, fp16.positions))
     with pytest.raises(ValueError, match="SAP cache format must be one of fp32, fp16, bf16, int8, got 'fp8'"):
         encode_cache(torch.ones(3), None, "fp8")
 
