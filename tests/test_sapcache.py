@@ -438,9 +438,10 @@ def test_sap_format_key_is_validated_and_flows_to_every_sap_layer():
         LayerFactory("nsconv", 0.9, sap_format="int4")
 
 
-def test_bench_memory_reports_bytes_per_format(tmp_path, monkeypatch):
-    """``python -m bench.memory --bytes-only`` on MobileNetV2 at batch 2: one row per format, each
-    smaller than the one before it and than NSConv without SAP."""
+def test_bench_memory_reports_bytes_per_format_and_position_coding(tmp_path, monkeypatch):
+    """``python -m bench.memory --bytes-only`` on MobileNetV2 at batch 2: one row per format and
+    position coding, each format smaller than the one before it and than NSConv without SAP, and
+    positions relative to the ReLU masks smaller than full bitmaps."""
     import json
 
     from bench import memory
@@ -450,9 +451,13 @@ def test_bench_memory_reports_bytes_per_format(tmp_path, monkeypatch):
     entry = json.loads((tmp_path / "memory_bytes.json").read_text())["models"]["mobilenetv2"]
     formats = entry["formats"]["0.9"]
     assert list(formats) == list(SAP_FORMATS)
-    held = {f: formats[f]["activation_bytes"] for f in SAP_FORMATS}
-    assert held["fp32"] > held["fp16"] == held["bf16"] > held["int8"]
     plain = entry["activation_bytes"]["nsconv@0.9"]
+    for pos in ("relu-relative", "bitmap"):
+        held = {f: formats[f][pos]["activation_bytes"] for f in SAP_FORMATS}
+        assert held["fp32"] > held["fp16"] == held["bf16"] > held["int8"]
+        for f in SAP_FORMATS:
+            assert formats[f][pos]["activation_reduction"] == plain / held[f] > 1
     for f in SAP_FORMATS:
-        assert formats[f]["activation_reduction"] == plain / held[f] > 1
-    assert "| mobilenetv2 | 0.9 | int8 |" in (tmp_path / "memory_bytes.md").read_text()
+        assert formats[f]["relu-relative"]["activation_bytes"] < formats[f]["bitmap"]["activation_bytes"]
+    text = (tmp_path / "memory_bytes.md").read_text()
+    assert "| mobilenetv2 | 0.9 | int8 | relu-relative |" in text and "| mobilenetv2 | 0.9 | int8 | bitmap |" in text
