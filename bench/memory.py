@@ -2,8 +2,9 @@
 
 Run as ``python -m bench.memory``. For ResNet18 and MobileNetV2 (batch 64, 3x32x32) and each
 configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9 with each cache value format of
-``sap-format``, fp32, fp16, bf16 and int8; each dense and at parameter sparsity 0.9) a fresh child
-process trains a few SGD steps and reports:
+``sap-format``, fp32, fp16, bf16 and int8, and each position coding: relative to the preceding
+ReLU's mask where there is one, the default, or a full bitmap; each dense and at parameter sparsity
+0.9) a fresh child process trains a few SGD steps and reports:
 
 - ``activation_bytes``: every storage autograd holds between forward and backward, counted
   exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
@@ -19,8 +20,8 @@ Writes ``bench/results/memory.json`` and ``memory.md`` and prints the table.
 
 ``--bytes-only`` measures just the activation bytes, in this process, one seeded step per
 configuration (they are deterministic: no timing, so it can run on a busy machine), and writes
-``memory_bytes.json`` and ``memory_bytes.md``: per model and SAP format, the bytes held and their
-ratio to NSConv without SAP.
+``memory_bytes.json`` and ``memory_bytes.md``: per model, SAP format and position coding, the bytes
+held and their ratio to NSConv without SAP.
 """
 
 from __future__ import annotations
@@ -48,24 +49,42 @@ from common.pruning.masks import load_masks, random_masks, weight_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "mobilenetv2")
-# (label, norm, act_sparsity, sap_format): "nsconv+sap" is the fp32 cache, "nsconv+sap-<format>" the others
+#: How a SAP cache codes its positions: relative to the preceding ReLU's mask where it can (the
+#: default, ``sap_relative``), or always a full bitmap (before it).
+POSITIONS = {"relu-relative": True, "bitmap": False}
+# (fmt, positions) -> label: "nsconv+sap" is the fp32 cache, "nsconv+sap-<format>" the others,
+# "-bitmap" appended for full bitmaps
+SAP_CONFIGS = {
+    (f, pos): ("nsconv+sap" if f == "fp32" else f"nsconv+sap-{f}") + ("" if relative else "-bitmap")
+    for f in SAP_FORMATS
+    for pos, relative in POSITIONS.items()
+}
+# (label, norm, act_sparsity, sap_format, sap_relative)
 CONFIGS = (
-    ("batchnorm", "batchnorm", None, "fp32"),
-    ("nsconv", "nsconv", None, "fp32"),
-    ("nsconv+sap", "nsconv", 0.9, "fp32"),
-    *((f"nsconv+sap-{f}", "nsconv", 0.9, f) for f in SAP_FORMATS if f != "fp32"),
+    ("batchnorm", "batchnorm", None, "fp32", True),
+    ("nsconv", "nsconv", None, "fp32", True),
+    *((label, "nsconv", 0.9, f, POSITIONS[pos]) for (f, pos), label in SAP_CONFIGS.items()),
 )
-SAP_CONFIGS = {f: "nsconv+sap" if f == "fp32" else f"nsconv+sap-{f}" for f in SAP_FORMATS}
 PARAM_SPARSITIES = (0.0, 0.9)
 BATCH, STEPS, WARMUP, REPEATS = 64, 8, 1, 3
-# the configurations whose step times are compared with NSConv's (the target is on the SAP formats)
-TIMED = ("nsconv", *SAP_CONFIGS.values())
+# the configurations whose step times are compared with NSConv's (the target is on the SAP formats as
+# they run by default; the full bitmaps are measured once, for their bytes)
+TIMED = ("nsconv", *(label for (_, pos), label in SAP_CONFIGS.items() if POSITIONS[pos]))
 
 
-def _model(model_name: str, norm: str, act_sparsity: float | None, sap_format: str, param_sparsity: float):
+def _model(
+    model_name: str,
+    norm: str,
+    act_sparsity: float | None,
+    sap_format: str,
+    param_sparsity: float,
+    sap_relative: bool = True,
+):
     torch.manual_seed(0)
     seed_threshold_sampler(0x5A9)
-    model = build_model(model_name, norm=norm, act_sparsity=act_sparsity, sap_format=sap_format)
+    model = build_model(
+        model_name, norm=norm, act_sparsity=act_sparsity, sap_format=sap_format, sap_relative=sap_relative
+    )
     if param_sparsity > 0:
         load_masks(
             model, random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(0))
@@ -74,10 +93,16 @@ def _model(model_name: str, norm: str, act_sparsity: float | None, sap_format: s
 
 
 def held_bytes(
-    model_name: str, norm: str, act_sparsity: float | None, sap_format: str, param_sparsity: float, batch: int
+    model_name: str,
+    norm: str,
+    act_sparsity: float | None,
+    sap_format: str,
+    param_sparsity: float,
+    batch: int,
+    sap_relative: bool = True,
 ) -> int:
     """Activation bytes held for backward in one seeded step (deterministic; ``--bytes-only``)."""
-    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity)
+    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
     with SavedTensorMeter(model) as meter:
         loss = F.cross_entropy(model(x), y)
@@ -93,9 +118,10 @@ def measure(
     batch: int,
     steps: int,
     sap_format: str = "fp32",
+    sap_relative: bool = True,
 ) -> dict:
     """Train ``steps`` SGD steps (after one warm-up) and measure; runs inside the child process."""
-    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity)
+    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
     times, held = [], None
@@ -137,6 +163,7 @@ def run_child(
     norm: str,
     act_sparsity,
     sap_format: str,
+    sap_relative: bool,
     param_sparsity: float,
     batch: int,
     steps: int,
@@ -147,7 +174,7 @@ def run_child(
         "-m",
         "bench.memory",
         "--child",
-        json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps, sap_format]),
+        json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps, sap_format, sap_relative]),
     ]
     env = (
         runtime.training_env()
@@ -197,37 +224,38 @@ def table(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Per model, parameter sparsity and SAP cache format: bytes held, and their reduction and step
-    time against NSConv without SAP (step times only where measured)."""
+    """Per model, parameter sparsity, SAP cache format and position coding: bytes held, and their
+    reduction and step time against NSConv without SAP (step times only where measured)."""
     rows = [
-        "| model | s_tm | SAP format | held for backward (MiB) | nsconv / this | step time this / nsconv |",
-        "|---|---|---|---|---|---|",
+        "| model | s_tm | SAP format | positions | held for backward (MiB) | nsconv / this | step time this / nsconv |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model_name, entry in results["models"].items():
         for s, per_format in entry["formats"].items():
-            for fmt, r in per_format.items():
-                step = f"{r['step_time_ratio']:.2f}x" if "step_time_ratio" in r else "-"
-                rows.append(
-                    f"| {model_name} | {s} | {fmt} | {mib(r['activation_bytes'])} | "
-                    f"{r['activation_reduction']:.2f}x | {step} |"
-                )
+            for fmt, per_coding in per_format.items():
+                for pos, r in per_coding.items():
+                    step = f"{r['step_time_ratio']:.2f}x" if "step_time_ratio" in r else "-"
+                    rows.append(
+                        f"| {model_name} | {s} | {fmt} | {pos} | {mib(r['activation_bytes'])} | "
+                        f"{r['activation_reduction']:.2f}x | {step} |"
+                    )
     return "\n".join(rows)
 
 
 def _formats(configs: dict, s: float) -> dict:
-    """The per-format entries of one parameter sparsity from ``configs`` (label@s -> measurement)."""
+    """The per-format, per-coding entries of one parameter sparsity from ``configs`` (label@s -> measurement)."""
     plain = configs[f"nsconv@{s}"]
-    out = {}
-    for fmt, label in SAP_CONFIGS.items():
+    out: dict = {}
+    for (fmt, pos), label in SAP_CONFIGS.items():
         r = configs.get(f"{label}@{s}")
         if r is None:
             continue
-        out[fmt] = {
+        entry = out.setdefault(fmt, {})[pos] = {
             "activation_bytes": r["activation_bytes"],
             "activation_reduction": plain["activation_bytes"] / r["activation_bytes"],
         }
         if "step_seconds_median" in r and "step_seconds_median" in plain:
-            out[fmt]["step_time_ratio"] = r["step_seconds_median"] / plain["step_seconds_median"]
+            entry["step_time_ratio"] = r["step_seconds_median"] / plain["step_seconds_median"]
     return out
 
 
@@ -237,9 +265,9 @@ def bytes_only(models: list[str], batch: int, out: Path) -> None:
     for model_name in models:
         configs = {}
         for s in PARAM_SPARSITIES:
-            for label, norm, act_sparsity, sap_format in CONFIGS:
+            for label, norm, act_sparsity, sap_format, sap_relative in CONFIGS:
                 print(f"[bench.memory] {model_name} {label} s_tm={s} (bytes) ...", file=sys.stderr, flush=True)
-                held = held_bytes(model_name, norm, act_sparsity, sap_format, s, batch)
+                held = held_bytes(model_name, norm, act_sparsity, sap_format, s, batch, sap_relative)
                 configs[f"{label}@{s}"] = {"config": label, "sap_format": sap_format, "activation_bytes": held}
         results["models"][model_name] = {
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
@@ -298,11 +326,11 @@ def main() -> None:
             # The two configurations whose step times are compared alternate, each time in fresh
             # processes, so that a slow spell of this shared machine does not fall on one of them only.
             for rep in range(args.repeats):
-                for label, norm, act_sparsity, sap_format in CONFIGS:
+                for label, norm, act_sparsity, sap_format, sap_relative in CONFIGS:
                     if rep and label not in TIMED:
                         continue
                     print(f"[bench.memory] {model_name} {label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True)
-                    child = (model_name, label, norm, act_sparsity, sap_format, s, args.batch, args.steps)
+                    child = (model_name, label, norm, act_sparsity, sap_format, sap_relative, s, args.batch, args.steps)
                     r = run_child(*child, "thp")
                     glibc = run_child(*child, "glibc")
                     key = f"{label}@{s}"

@@ -24,7 +24,7 @@ from common.nn.layers import set_activation_sparsity
 from common.nn.models import build_model
 from common.nn.sap import bitmask_relu, compress_activation
 from common.sparse.bits import pack_bits, unpack_bits
-from common.sparse.codec import CodecError, EncodedTensor, decode, encode_above
+from common.sparse.codec import CodecError, EncodedTensor, decode, encode_above, extend_bitmap, restrict_bitmap
 from common.sparse.sizes import SparseFormat
 
 native = pytest.mark.skipif(bitkernels.library() is None, reason=f"no native kernels: {bitkernels.status()}")
@@ -121,6 +121,74 @@ def test_relu_pack_and_mask_grad_match_torch(n, upper):
     assert torch.equal(bitmap, pack_bits(passes))
     grad = _awkward(n, 3 * n)
     assert _same(bitkernels.mask_grad(grad, bitmap), torch.where(unpack_bits(bitmap, n), grad, torch.zeros(())))
+
+
+def _reference_patterns(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(bitmap, reference) pairs: within the reference, with a few bits outside it, and the edges
+    (empty reference, full reference, references whose blocks start their relative bits mid-byte)."""
+    g = torch.Generator().manual_seed(n)
+    pairs = {}
+    for density in (0.003, 0.3, 0.5, 0.97):
+        ref = torch.rand(n, generator=g) < density
+        keep = ref & (torch.rand(n, generator=g) < 0.2)
+        pairs[f"within {density}"] = (keep, ref)
+        stray = keep.clone()
+        stray[torch.randint(n, (3,), generator=g)] = True
+        pairs[f"3 outside {density}"] = (stray, ref)
+    for name, keep in _patterns(n).items():
+        pairs[f"{name} in all"] = (keep, torch.ones(n, dtype=torch.bool))
+        pairs[f"{name} in none"] = (keep, torch.zeros(n, dtype=torch.bool))
+    return pairs
+
+
+@pytest.mark.parametrize("n", [1, 7, 9, 1000, 3 * 32768 + 13, 5 * 32768 + 3])
+def test_relative_bitmaps_are_the_same_with_and_without_kernels_and_round_trip(n, monkeypatch):
+    """restrict_bitmap / extend_bitmap: the native kernels (several threads, so blocks whose relative
+    bits start mid-byte share bytes) write the torch bytes, and the coding is exact either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for name, (keep, ref) in _reference_patterns(n).items():
+            bitmap, reference = pack_bits(keep), pack_bits(ref)
+            fast_sub, fast_outside = restrict_bitmap(bitmap, reference, n)
+            fast_back = extend_bitmap(fast_sub, fast_outside, reference, n)
+            monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+            sub, outside = restrict_bitmap(bitmap, reference, n)
+            back = extend_bitmap(sub, outside, reference, n)
+            monkeypatch.undo()
+            assert torch.equal(fast_sub, sub) and torch.equal(fast_outside, outside), name
+            assert torch.equal(sub, pack_bits(keep[ref])), name
+            assert torch.equal(outside, (keep & ~ref).nonzero().view(-1)), name
+            assert torch.equal(back, bitmap) and torch.equal(fast_back, bitmap), name
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_relative_bitmap_errors_are_codec_errors_on_both_paths(fast, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(bitkernels, "usable", lambda *tensors: False)
+    keep = torch.tensor([True, False, True, True, False, False, True, False, True, True])
+    ref = torch.tensor([True, True, False, True, True, False, True, False, True, True])
+    bitmap, reference = pack_bits(keep), pack_bits(ref)
+    sub, outside = restrict_bitmap(bitmap, reference, 10)
+    assert outside.tolist() == [2]
+    with pytest.raises(CodecError, match="the relative bitmap of 7 bits needs 1 bytes, got 2"):
+        extend_bitmap(torch.cat([sub, sub]), outside, reference, 10)
+    with pytest.raises(CodecError, match="padding bits"):
+        extend_bitmap(sub | 1, outside, reference, 10)
+    with pytest.raises(CodecError, match="the reference bitmap of 10 bits needs 2 bytes, got 1"):
+        extend_bitmap(sub, outside, reference[:1], 10)
+    with pytest.raises(CodecError, match="the relative bitmap must be a 1-D torch.uint8 bitmap"):
+        extend_bitmap(sub.to(torch.int16), outside, reference, 10)
+    with pytest.raises(CodecError, match="must be a 1-D torch.int64 tensor"):
+        extend_bitmap(sub, outside.int(), reference, 10)
+    with pytest.raises(CodecError, match="lies within it"):
+        extend_bitmap(sub, torch.tensor([0]), reference, 10)
+    with pytest.raises(CodecError, match="out of range"):
+        extend_bitmap(sub, torch.tensor([10]), reference, 10)
+    with pytest.raises(CodecError, match="strictly increasing"):
+        extend_bitmap(sub, torch.tensor([7, 5]), reference, 10)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 3.0, math.inf])

@@ -13,9 +13,11 @@ from torch import nn
 from common.measure.accounting import SavedTensorMeter
 from common.nn import sap
 from common.nn.layers import ReLU, SparseConv2d, SparseLinear, set_activation_sparsity
+from common.nn.models import build_model
 from common.nn.models.factory import LayerFactory
 from common.nn.nsconv import RELU_GAMMA, NSConv2d
-from common.nn.sap import bitmask_relu, compress_activation, keep_mask
+from common.nn.sap import bitmask_relu, compress_activation, keep_mask, relu_pass_bits
+from common.sparse.bits import pack_bits
 from common.sparse.codec import decode
 from common.sparse.sizes import SparseFormat
 
@@ -424,6 +426,94 @@ def test_lean_pooling_matches_autograd_and_keeps_less(shape):
 
 
 # ----------------------------------------------------------------------------- lean pooling
+
+
+# ----------------------------------------------------------------------------- positions relative to a ReLU mask
+
+
+def test_a_bitmask_relu_output_carries_its_mask_and_nothing_derived_from_it_does():
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    out = bitmask_relu(x, 6.0)
+    mask = relu_pass_bits(out)
+    assert mask is not None and torch.equal(mask, pack_bits(((x > 0) & (x < 6)).reshape(-1)))
+    for derived in (out.view(-1), out[:1], out + 0, out * 0.2, out.detach(), F.relu(x)):
+        assert relu_pass_bits(derived) is None
+
+
+def _references(model: nn.Module) -> dict[str, bool]:
+    """Per SAP layer, whether its input in one forward pass came with a ReLU's mask."""
+    seen: dict[str, bool] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            seen[name] = relu_pass_bits(inputs[0]) is not None
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(record(name))
+        for name, module in model.named_modules()
+        if getattr(module, "act_sparsity", None) is not None
+    ]
+    model(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_every_resnet18_sap_conv_reads_a_relu_output_and_mobilenetv2_expansions_do_not():
+    """ResNet18: each block's convolutions and shortcut read the previous ReLU's output (the residual
+    sum goes through a ReLU first). MobileNetV2: its depthwise and projection convolutions read a
+    ReLU6's output, its expansions and head the linear bottleneck (a residual sum or a projection)."""
+    torch.manual_seed(0)
+    assert all(_references(build_model("resnet18", act_sparsity=0.9, width=8)).values())
+    mobilenet = _references(build_model("mobilenetv2", act_sparsity=0.9))
+    without = sorted(name for name, has in mobilenet.items() if not has)
+    assert without == sorted([f"blocks.{i}.body.0" for i in range(1, 17)] + ["head.0"]), without
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_a_conv_after_a_relu_holds_the_relu_mask_once_and_a_bit_per_passing_entry(upper):
+    torch.manual_seed(2)
+    conv = NSConv2d(8, 8, 3, padding=1, act_sparsity=0.9, gamma=RELU_GAMMA)
+    x = (torch.randn(4, 8, 16, 16) * 2).requires_grad_(True)
+    with SavedTensorMeter(conv) as meter:
+        out = bitmask_relu(x, upper)
+        conv(out)
+    n, kept = x.numel(), round(0.1 * x.numel())
+    passing = int(((x > 0) if upper is None else (x > 0) & (x < upper)).sum())
+    saturated = int((x >= 6).sum()) if upper else 0
+    assert meter.held.activation_bytes == -(-n // 8) + -(-passing // 8) + 4 * kept + 8 * saturated
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_relative_positions_change_no_gradient(name):
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(10, (2,))
+    grads = []
+    for relative in (True, False):
+        torch.manual_seed(0)
+        model = build_model(
+            name, act_sparsity=0.9, sap_relative=relative, **({"width": 8} if name == "resnet18" else {})
+        )
+        sap._sampler.manual_seed(3)
+        F.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_s_ta_zero_behind_a_relu_gives_exactly_the_unpruned_gradients():
+    x = torch.randn(2, 6, 9, 9)
+    results = []
+    for s_ta in (None, 0.0):
+        torch.manual_seed(4)
+        conv = NSConv2d(6, 8, 3, padding=1, act_sparsity=s_ta)
+        xx = x.clone().requires_grad_(True)
+        conv(bitmask_relu(xx)).square().sum().backward()
+        results.append((xx.grad, {n: p.grad for n, p in conv.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for n in results[0][1]:
+        assert torch.equal(results[0][1][n], results[1][1][n]), n
 
 
 from common.nn.layers import Pool2d  # noqa: E402

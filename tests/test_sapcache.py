@@ -5,6 +5,7 @@ format's, and the ``sap-format`` key flowing from the run config to the layers."
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from common.nn.sapcache import (
 )
 from common.protocol.config import ConfigError, parse_run_config
 from common.protocol.instructions import round_instructions
-from common.sparse.bits import CodecError
+from common.sparse.bits import CodecError, pack_bits
 from common.sparse.codec import decode
 from common.sparse.sizes import SparseFormat
 
@@ -55,7 +56,10 @@ def _caches_equal(a: SapCache, b: SapCache) -> bool:
         a.meta == b.meta
         and _same(a.values, b.values)
         and torch.equal(a.positions, b.positions)
-        and ((a.scale is None and b.scale is None) or _same(a.scale, b.scale))
+        and all(
+            (s is None and t is None) or (s is not None and t is not None and _same(s, t))
+            for s, t in ((a.scale, b.scale), (a.reference, b.reference), (a.outside, b.outside))
+        )
     )
 
 
@@ -182,6 +186,82 @@ def test_dense_or_bitmap_is_chosen_by_the_formats_own_value_bits(fmt):
     assert _encode(x, 0.9, fmt).fmt is SparseFormat.BITMAP
 
 
+# ----------------------------------------------------------------------------- positions relative to a ReLU mask
+
+
+def _relu(x: torch.Tensor, upper: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ReLU / ReLU6 output and its packed pass mask, as :func:`common.nn.sap.bitmask_relu` keeps it."""
+    out = x.clamp(min=0) if upper is None else x.clamp(0, upper)
+    passes = x > 0 if upper is None else (x > 0) & (x < upper)
+    return out, pack_bits(passes.reshape(-1))
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+@pytest.mark.parametrize("fmt", SAP_FORMATS)
+@pytest.mark.parametrize("case", CASES)
+def test_relative_positions_decode_exactly_as_the_bitmap_does(case, fmt, upper):
+    """Coded relative to the ReLU's mask, every case and format decodes to the same bits as with a
+    full bitmap: fp32 exactly the kept entries, the lossy formats within their bounds as before."""
+    x, s_ta = _inputs()[case]
+    out, mask = _relu(x * 4, upper)  # x 4: a ReLU6 saturates some kept entries
+    plain, relative = _encode(out, s_ta, fmt), _encode_relative(out, s_ta, fmt, mask)
+    assert _same(decode_cache(relative), decode_cache(plain))
+    if relative.reference is not None:
+        assert relative.reference is mask and relative.payload_nbytes < plain.payload_nbytes
+        assert relative.positions.numel() == -(-int(_popcount(mask)) // 8)
+
+
+def _encode_relative(x: torch.Tensor, s_ta: float, fmt: str, mask: torch.Tensor) -> SapCache:
+    sap._sampler.manual_seed(0x5A9)
+    return cache_activation(x, s_ta, fmt, mask)
+
+
+def _popcount(mask: torch.Tensor) -> int:
+    return sum(bin(b).count("1") for b in mask.tolist())
+
+
+def test_a_relu6_lists_its_kept_saturated_entries_outside_the_mask():
+    x = torch.randn(4, 8, 10, 10, generator=torch.Generator().manual_seed(3)) * 2
+    out, mask = _relu(x, 6.0)
+    cache = _encode_relative(out, 0.9, "fp32", mask)
+    saturated = (out == 6.0).reshape(-1).nonzero().view(-1)
+    assert saturated.numel() > 0 and cache.outside is not None
+    assert torch.equal(cache.outside, saturated)  # 6 is above the threshold: all of them are kept
+    assert torch.equal(decode_cache(cache), decode_cache(_encode(out, 0.9, "fp32")))
+
+
+def test_the_full_bitmap_stays_where_relative_coding_is_not_smaller():
+    """A mask that leaves most kept entries outside (here: an input that is not the ReLU's output)
+    would cost 8 bytes per entry: the cache keeps its bitmap and no reference."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    _, mask = _relu(-x, None)
+    cache = _encode_relative(x, 0.5, "fp32", mask)
+    assert cache.reference is None and cache.outside is None
+    assert torch.equal(cache.positions, _encode(x, 0.5, "fp32").positions)
+    dense = _encode_relative(F.relu(x), 0.0, "fp32", _relu(x, None)[1])
+    assert dense.fmt is SparseFormat.DENSE and dense.reference is None
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_a_relative_cache_missing_or_mangling_its_reference_is_refused(fmt):
+    out, mask = _relu(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2, 6.0)
+    good = _encode_relative(out, 0.9, fmt, mask)
+    assert good.reference is not None and good.outside is not None
+    with pytest.raises(CodecError, match=f"a {fmt} SAP cache with relative positions has"):
+        SapCache.rebuild(good.meta, good.tensors()[:-1])
+    rest = good.tensors()[2:-2]
+    with pytest.raises(CodecError, match="relative bitmap of .* bits needs"):
+        decode_cache(SapCache.rebuild(good.meta, (good.values, good.positions[:-1], *rest, mask, good.outside)))
+    with pytest.raises(CodecError, match="the reference bitmap of 384 bits needs 48 bytes, got 47"):
+        decode_cache(SapCache.rebuild(good.meta, (good.values, good.positions, *rest, mask[:-1], good.outside)))
+    with pytest.raises(CodecError, match="the reference bitmap must be a 1-D torch.uint8 bitmap"):
+        decode_cache(SapCache.rebuild(good.meta, (good.values, good.positions, *rest, mask.int(), good.outside)))
+    with pytest.raises(CodecError, match="outside the reference must be a 1-D torch.int64 tensor"):
+        decode_cache(SapCache.rebuild(good.meta, (good.values, good.positions, *rest, mask, good.outside.float())))
+    with pytest.raises(CodecError, match="only a bitmap SAP cache codes its positions relative"):
+        decode_cache(replace(good, fmt=SparseFormat.DENSE))
+
+
 # ----------------------------------------------------------------------------- corrupt caches
 
 
@@ -218,9 +298,9 @@ def test_int8_scales_missing_or_mis_shaped_are_refused():
             decode_cache(SapCache.rebuild(good.meta, (good.values, good.positions, bad)))
     fp16 = _good("fp16")
     with pytest.raises(CodecError, match="carries no scale"):
-        decode_cache(SapCache("fp16", *fp16.meta[1:], fp16.values, fp16.positions, torch.ones(3)))
+        decode_cache(SapCache("fp16", *fp16.meta[1:6], fp16.values, fp16.positions, torch.ones(3)))
     with pytest.raises(CodecError, match="unknown SAP cache format 'fp8'"):
-        decode_cache(SapCache("fp8", *fp16.meta[1:], fp16.values, fp16.positions))
+        decode_cache(SapCache("fp8", *fp16.meta[1:6], fp16.values, fp16.positions))
     with pytest.raises(ValueError, match="SAP cache format must be one of fp32, fp16, bf16, int8, got 'fp8'"):
         encode_cache(torch.ones(3), None, "fp8")
 
@@ -358,9 +438,10 @@ def test_sap_format_key_is_validated_and_flows_to_every_sap_layer():
         LayerFactory("nsconv", 0.9, sap_format="int4")
 
 
-def test_bench_memory_reports_bytes_per_format(tmp_path, monkeypatch):
-    """``python -m bench.memory --bytes-only`` on MobileNetV2 at batch 2: one row per format, each
-    smaller than the one before it and than NSConv without SAP."""
+def test_bench_memory_reports_bytes_per_format_and_position_coding(tmp_path, monkeypatch):
+    """``python -m bench.memory --bytes-only`` on MobileNetV2 at batch 2: one row per format and
+    position coding, each format smaller than the one before it and than NSConv without SAP, and
+    positions relative to the ReLU masks smaller than full bitmaps."""
     import json
 
     from bench import memory
@@ -370,9 +451,13 @@ def test_bench_memory_reports_bytes_per_format(tmp_path, monkeypatch):
     entry = json.loads((tmp_path / "memory_bytes.json").read_text())["models"]["mobilenetv2"]
     formats = entry["formats"]["0.9"]
     assert list(formats) == list(SAP_FORMATS)
-    held = {f: formats[f]["activation_bytes"] for f in SAP_FORMATS}
-    assert held["fp32"] > held["fp16"] == held["bf16"] > held["int8"]
     plain = entry["activation_bytes"]["nsconv@0.9"]
+    for pos in ("relu-relative", "bitmap"):
+        held = {f: formats[f][pos]["activation_bytes"] for f in SAP_FORMATS}
+        assert held["fp32"] > held["fp16"] == held["bf16"] > held["int8"]
+        for f in SAP_FORMATS:
+            assert formats[f][pos]["activation_reduction"] == plain / held[f] > 1
     for f in SAP_FORMATS:
-        assert formats[f]["activation_reduction"] == plain / held[f] > 1
-    assert "| mobilenetv2 | 0.9 | int8 |" in (tmp_path / "memory_bytes.md").read_text()
+        assert formats[f]["relu-relative"]["activation_bytes"] < formats[f]["bitmap"]["activation_bytes"]
+    text = (tmp_path / "memory_bytes.md").read_text()
+    assert "| mobilenetv2 | 0.9 | int8 | relu-relative |" in text and "| mobilenetv2 | 0.9 | int8 | bitmap |" in text

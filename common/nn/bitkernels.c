@@ -43,6 +43,20 @@ int64_t fm_block_elements(void) { return 8 * BLOCK; } /* sizes fm_select_above's
 static int64_t block_count(int64_t nbytes) { return (nbytes + BLOCK - 1) / BLOCK; }
 static int64_t block_end(int64_t k, int64_t nbytes) { return k * BLOCK + BLOCK < nbytes ? k * BLOCK + BLOCK : nbytes; }
 
+/* start[k] = set bits of bitmap before block k, start[nb] = all of them (malloc'd: the caller frees). */
+static int64_t *block_starts(const uint8_t *bitmap, int64_t nbytes, int64_t nb) {
+    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
+    start[0] = 0;
+    #pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb; k++) {
+        int64_t c = 0;
+        for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) c += __builtin_popcount(bitmap[b]);
+        start[k + 1] = c;
+    }
+    for (int64_t k = 0; k < nb; k++) start[k + 1] += start[k];
+    return start;
+}
+
 /* Bit (7 - j) of bitmap[b] = |x[8b + j]| > t; counts[k] = bits set in block k; returns the total. */
 int64_t fm_select_above(const float *x, int64_t n, float t, uint8_t *bitmap, int64_t *counts) {
     int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes), whole = n / 8, total = 0;
@@ -100,16 +114,7 @@ void fm_gather(const float *x, int64_t n, const uint8_t *bitmap, const int64_t *
    only written when it equals nnz. */
 int64_t fm_scatter(const float *values, int64_t nnz, const uint8_t *bitmap, int64_t n, float *out) {
     int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
-    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
-    start[0] = 0;
-    #pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < nb; k++) {
-        int64_t c = 0;
-        for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) c += __builtin_popcount(bitmap[b]);
-        start[k + 1] = c;
-    }
-    for (int64_t k = 0; k < nb; k++) start[k + 1] += start[k];
-    int64_t total = start[nb];
+    int64_t *start = block_starts(bitmap, nbytes, nb), total = start[nb];
     if (total == nnz) {
         #pragma omp parallel for schedule(static)
         for (int64_t k = 0; k < nb; k++) {
@@ -173,4 +178,77 @@ void fm_mask_grad(const float *grad, const uint8_t *bitmap, int64_t n, float *ou
         for (int j = 0; j < 8; j++) o[8 * b + j] = g[8 * b + j] & m[j];
     }
     for (int64_t i = 8 * whole; i < n; i++) o[i] = g[i] & lanes[bitmap[whole]][i - 8 * whole];
+}
+
+/* Relative bitmaps (common/sparse/codec.py, restrict_bitmap / extend_bitmap): sub holds one bit per
+   set bit of ref, in order, MSB-first and zero-padded: sub bit j = bitmap bit i_j, i_j the position
+   of the j-th set bit of ref (a bitwise PEXT of the whole stream; the caller lists the set bits
+   outside ref). Block k of ref owns sub bits start[k] .. start[k + 1] - 1, which need not begin
+   on a byte: the bytes it shares with its neighbours are OR-ed atomically into a zeroed sub, the
+   rest stored. */
+
+int64_t fm_popcount(const uint8_t *bitmap, int64_t nbytes) {
+    int64_t total = 0;
+    #pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t b = 0; b < nbytes; b++) total += __builtin_popcount(bitmap[b]);
+    return total;
+}
+
+static void or_byte(uint8_t *p, unsigned bits) {
+    #pragma omp atomic update
+    *p |= (uint8_t)bits;
+}
+
+/* sub <- bitmap restricted to ref's set bits; sub must be zeroed and hold (popcount(ref) + 7) / 8
+   bytes. Returns the number of bitmap bits set where ref's is clear (which sub does not hold). */
+int64_t fm_restrict_bits(const uint8_t *bitmap, const uint8_t *ref, int64_t n, uint8_t *sub) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes), outside = 0;
+    int64_t *start = block_starts(ref, nbytes, nb);
+    #pragma omp parallel for schedule(static) reduction(+ : outside)
+    for (int64_t k = 0; k < nb; k++) {
+        int64_t p = start[k], shared = start[k] % 8 ? start[k] / 8 : -1;
+        unsigned acc = 0;
+        for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) {
+            unsigned r = ref[b], m = bitmap[b];
+            outside += __builtin_popcount(m & ~r & 0xFFu);
+            while (r) {
+                int j = __builtin_clz(r << 24);
+                acc |= ((m >> (7 - j)) & 1u) << (7 - p % 8);
+                r &= ~(0x80u >> j);
+                if (++p % 8 == 0) {
+                    if (p / 8 - 1 == shared) or_byte(sub + shared, acc);
+                    else sub[p / 8 - 1] = (uint8_t)acc;
+                    acc = 0;
+                }
+            }
+        }
+        if (p % 8) or_byte(sub + p / 8, acc); /* the next block's first byte */
+    }
+    free(start);
+    return outside;
+}
+
+/* bitmap (nbytes of n bits) <- sub's bits at ref's set bits, 0 elsewhere; the inverse of
+   fm_restrict_bits for a bitmap within ref. Returns popcount(ref); bitmap is only written when sub's
+   sub_nbytes are exactly (popcount(ref) + 7) / 8. */
+int64_t fm_extend_bits(const uint8_t *sub, int64_t sub_nbytes, const uint8_t *ref, int64_t n, uint8_t *bitmap) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
+    int64_t *start = block_starts(ref, nbytes, nb), total = start[nb];
+    if ((total + 7) / 8 == sub_nbytes) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < nb; k++) {
+            int64_t p = start[k];
+            for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) {
+                unsigned bits = 0;
+                for (unsigned r = ref[b]; r; p++) {
+                    int j = __builtin_clz(r << 24);
+                    bits |= ((unsigned)(sub[p / 8] >> (7 - p % 8)) & 1u) << (7 - j);
+                    r &= ~(0x80u >> j);
+                }
+                bitmap[b] = (uint8_t)bits;
+            }
+        }
+    }
+    free(start);
+    return total;
 }

@@ -58,6 +58,9 @@ _SIGNATURES = {
     "fm_scatter": (_I64, [_PTR, _I64, _PTR, _I64, _PTR]),
     "fm_relu_pack": (None, [_PTR, _I64, ctypes.c_int, _F32, _PTR, _PTR]),
     "fm_mask_grad": (None, [_PTR, _PTR, _I64, _PTR]),
+    "fm_popcount": (_I64, [_PTR, _I64]),
+    "fm_restrict_bits": (_I64, [_PTR, _PTR, _I64, _PTR]),
+    "fm_extend_bits": (_I64, [_PTR, _I64, _PTR, _I64, _PTR]),
     "fm_block_elements": (_I64, []),
 }
 
@@ -173,6 +176,11 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
+def usable_bitmaps(*bitmaps: torch.Tensor) -> bool:
+    """:func:`usable` for packed bitmaps: the kernels are loaded and every one is contiguous uint8 on the CPU."""
+    return usable() and all(b.device.type == "cpu" and b.dtype == torch.uint8 and b.is_contiguous() for b in bitmaps)
+
+
 def _loaded() -> ctypes.CDLL:
     """The compiled kernels, for the functions below: callers reach them only after :func:`usable`."""
     lib = library()
@@ -237,6 +245,24 @@ def mask_grad(grad: torch.Tensor, bitmap: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(grad)
     _loaded().fm_mask_grad(grad.data_ptr(), bitmap.data_ptr(), grad.numel(), out.data_ptr())
     return out
+
+
+def restrict_bits(bitmap: torch.Tensor, reference: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """``(sub, outside)``: ``bitmap``'s bits at ``reference``'s set bits, one per set bit, and the
+    number of ``bitmap``'s set bits where ``reference``'s is clear; both :func:`usable_bitmaps` of
+    ``ceil(n / 8)`` bytes. :func:`common.sparse.codec.restrict_bitmap` has the layout."""
+    lib = _loaded()
+    sub = torch.zeros(_nbytes(lib.fm_popcount(reference.data_ptr(), _nbytes(n))), dtype=torch.uint8)
+    outside = lib.fm_restrict_bits(bitmap.data_ptr(), reference.data_ptr(), n, sub.data_ptr())
+    return sub, int(outside)
+
+
+def extend_bits(sub: torch.Tensor, reference: torch.Tensor, n: int) -> tuple[torch.Tensor | None, int]:
+    """``(bitmap, popcount(reference))``: the inverse of :func:`restrict_bits` for a bitmap within
+    ``reference``, ``ceil(n / 8)`` bytes; None unless ``sub`` is exactly ``ceil(popcount / 8)`` bytes."""
+    bitmap = torch.empty(_nbytes(n), dtype=torch.uint8)
+    ones = int(_loaded().fm_extend_bits(sub.data_ptr(), sub.numel(), reference.data_ptr(), n, bitmap.data_ptr()))
+    return (bitmap if _nbytes(ones) == sub.numel() else None), ones
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Every prunable layer carries its mask as a ``mask`` buffer (so NSConv can standa
 active weights and a state dict carries the structure) and an ``act_sparsity`` attribute: ``None``
 caches its input as plain autograd would, a float ``s_ta`` caches it through SAP
 (:mod:`common.nn.sap`), its kept values stored in the layer's ``sap_format``
-(:mod:`common.nn.sapcache`). In both cases the effective weight is recomputed in backward rather than kept.
-The client sets both from the server's config; the layers decide nothing.
+(:mod:`common.nn.sapcache`), its positions relative to the 1-bit mask of the bit-masked ReLU that
+produced the input where there is one and ``sap_relative`` is on (:func:`common.nn.sap.relu_pass_bits`).
+In both cases the effective weight is recomputed in backward rather than kept. The client sets SAP
+and its format from the server's config; the layers decide nothing.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ class _Masked(nn.Module):
     act_sparsity: float | None
     sap_capable: bool
     sap_format: str
+    sap_relative: bool
 
-    def _add_mask(self, act_sparsity: float | None, sap_capable: bool, sap_format: str) -> None:
+    def _add_mask(self, act_sparsity: float | None, sap_capable: bool, sap_format: str, sap_relative: bool) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_parameter("gain", None)
         self.act_sparsity = act_sparsity
         self.sap_capable = sap_capable
         self.sap_format = check_format(sap_format)
+        self.sap_relative = sap_relative
 
     def weight_fn(self):
         """``(θ, mask, gain) -> w``; must be differentiable, it is re-run in backward."""
@@ -57,7 +61,16 @@ class _Masked(nn.Module):
 
     def _apply_masked(self, x: torch.Tensor, op) -> torch.Tensor:
         return masked_layer(
-            x, self.weight, self.mask, self.gain, self.bias, self.weight_fn(), op, self.act_sparsity, self.sap_format
+            x,
+            self.weight,
+            self.mask,
+            self.gain,
+            self.bias,
+            self.weight_fn(),
+            op,
+            self.act_sparsity,
+            self.sap_format,
+            self.sap_relative,
         )
 
 
@@ -70,10 +83,11 @@ class SparseConv2d(_Masked, nn.Conv2d):
         act_sparsity: float | None = None,
         sap_capable: bool = True,
         sap_format: str = DEFAULT_SAP_FORMAT,
+        sap_relative: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._add_mask(act_sparsity, sap_capable, sap_format)
+        self._add_mask(act_sparsity, sap_capable, sap_format, sap_relative)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The factory passes int paddings; a string one ('same') would fail in ConvOp's backward, which needs ints.
@@ -90,10 +104,11 @@ class SparseLinear(_Masked, nn.Linear):
         act_sparsity: float | None = None,
         sap_capable: bool = True,
         sap_format: str = DEFAULT_SAP_FORMAT,
+        sap_relative: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._add_mask(act_sparsity, sap_capable, sap_format)
+        self._add_mask(act_sparsity, sap_capable, sap_format, sap_relative)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_masked(x, LinearOp())

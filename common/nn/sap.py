@@ -91,10 +91,13 @@ def compress_activation(x: torch.Tensor, s_ta: float) -> EncodedTensor:
     return encode_above(x, threshold)
 
 
-def cache_activation(x: torch.Tensor, s_ta: float, value_format: str = DEFAULT_SAP_FORMAT) -> SapCache:
+def cache_activation(
+    x: torch.Tensor, s_ta: float, value_format: str = DEFAULT_SAP_FORMAT, reference: torch.Tensor | None = None
+) -> SapCache:
     """What SAP holds of ``x``: :func:`compress_activation`'s selection, its values stored in
-    ``value_format`` (:mod:`common.nn.sapcache`; ``fp32`` is exactly :func:`compress_activation`)."""
-    return encode_cache(x, keep_threshold(x, s_ta), value_format)
+    ``value_format`` (:mod:`common.nn.sapcache`; ``fp32`` is exactly :func:`compress_activation`), its
+    positions relative to ``reference`` where they lie within it (:func:`~common.nn.sapcache.encode_cache`)."""
+    return encode_cache(x, keep_threshold(x, s_ta), value_format, reference)
 
 
 def _save_cache(ctx, cache: SapCache, *others: torch.Tensor) -> None:
@@ -117,17 +120,18 @@ class _MaskedLayerFunction(torch.autograd.Function):
     Saved for backward: θ and the mask (held by the model anyway), the optional gain, and the input
     cache: a reference to ``x`` itself when ``s_ta`` is None (what plain autograd keeps), else its
     SAP compression. Neither ``w`` nor any weight-sized intermediate (NSConv's centred filters) stays
-    alive between forward and backward. ``value_format``: how the SAP cache stores its values.
+    alive between forward and backward. ``value_format``: how the SAP cache stores its values;
+    ``reference``: the pass mask of the ReLU that produced ``x``, or None (:func:`relu_pass_bits`).
     """
 
     @staticmethod
-    def forward(ctx, x, theta, mask, gain, bias, weight_fn, op, s_ta, value_format):
+    def forward(ctx, x, theta, mask, gain, bias, weight_fn, op, s_ta, value_format, reference):
         ctx.weight_fn, ctx.op, ctx.has_bias = weight_fn, op, bias is not None
         if s_ta is None:
             ctx.cache_meta = None
             ctx.save_for_backward(theta, mask, gain, x)
         else:
-            _save_cache(ctx, cache_activation(x, s_ta, value_format), theta, mask, gain)
+            _save_cache(ctx, cache_activation(x, s_ta, value_format, reference), theta, mask, gain)
         return op.forward(x, weight_fn(theta, mask, gain), bias)
 
     @staticmethod
@@ -152,7 +156,7 @@ class _MaskedLayerFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(weight, wanted, grad_w, allow_unused=True)) if wanted else iter(())
             grad_theta = next(grads) if needs_theta else None
             grad_gain = next(grads) if gain is not None and needs_gain else None
-        return grad_x, grad_theta, None, grad_gain, grad_b, None, None, None, None
+        return grad_x, grad_theta, None, grad_gain, grad_b, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -209,14 +213,20 @@ def masked_layer(
     op,
     s_ta: float | None,
     value_format: str = DEFAULT_SAP_FORMAT,
+    relative: bool = True,
 ):
     """Apply a masked conv / linear layer, caching its input sparsely when ``s_ta`` is a float, its
-    kept values in ``value_format`` (:data:`common.nn.sapcache.SAP_FORMATS`)."""
-    return _MaskedLayerFunction.apply(x, theta, mask, gain, bias, weight_fn, op, s_ta, value_format)
+    kept values in ``value_format`` (:data:`common.nn.sapcache.SAP_FORMATS`), and with ``relative``
+    its positions relative to the pass mask of the bit-masked ReLU whose output ``x`` is, if it is one."""
+    reference = relu_pass_bits(x) if relative and s_ta is not None else None
+    return _MaskedLayerFunction.apply(x, theta, mask, gain, bias, weight_fn, op, s_ta, value_format, reference)
 
 
 class BitMaskReLUFunction(torch.autograd.Function):
-    """ReLU (or ReLU6 with ``upper=6``) that keeps a 1-bit mask of its pass-through region."""
+    """ReLU (or ReLU6 with ``upper=6``) that keeps a 1-bit mask of its pass-through region.
+
+    Returns ``(out, mask)``: the mask (packed MSB-first, ``0 < x`` and ``x < upper`` if capped) is the
+    tensor saved for backward, returned as well so that :func:`bitmask_relu` can hand it on."""
 
     @staticmethod
     def forward(ctx, x, upper):
@@ -227,10 +237,11 @@ class BitMaskReLUFunction(torch.autograd.Function):
             passes = x > 0 if upper is None else (x > 0) & (x < upper)
             out, packed = (x.clamp(min=0) if upper is None else x.clamp(0, upper)), pack_bits(passes.reshape(-1))
         ctx.save_for_backward(packed)
-        return out
+        ctx.mark_non_differentiable(packed)
+        return out, packed
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_mask):
         (packed,) = ctx.saved_tensors
         if bitkernels.usable(grad_out):
             return bitkernels.mask_grad(grad_out, packed), None
@@ -238,8 +249,31 @@ class BitMaskReLUFunction(torch.autograd.Function):
         return torch.where(passes, grad_out, 0.0), None
 
 
+#: The attribute of a bit-masked ReLU's output tensor that holds its packed pass mask.
+_PASS_BITS = "_fedmef_relu_pass_bits"
+
+
 def bitmask_relu(x: torch.Tensor, upper: float | None = None) -> torch.Tensor:
-    return BitMaskReLUFunction.apply(x, upper)
+    """ReLU / ReLU6 keeping 1 bit per element for backward; the output carries that mask for the next
+    SAP layer (:func:`relu_pass_bits`)."""
+    out, packed = BitMaskReLUFunction.apply(x, upper)
+    setattr(out, _PASS_BITS, packed)
+    return out
+
+
+def relu_pass_bits(x: torch.Tensor) -> torch.Tensor | None:
+    """The packed pass mask of the bit-masked ReLU whose output is the tensor object ``x``, else None.
+
+    A Python attribute of the output tensor, not a registry of layers: it is there only on that very
+    object, so a view, a sum (a residual join) or any op's result has none, and no model code has to
+    say which layer follows which ReLU. The SAP cache does not trust it beyond its length: it codes
+    positions relative to it only after checking that every kept entry lies within it
+    (:func:`common.sparse.codec.restrict_bitmap`), which holds behind a ReLU (``|out| > t >= 0`` means
+    ``x > 0``) and behind a ReLU6 unless a saturated entry (``out = 6``, not in the pass mask) is kept.
+    The coding is exact for any reference that contains the kept entries, so even an in-place change
+    of the output after the ReLU cannot corrupt a cache.
+    """
+    return getattr(x, _PASS_BITS, None)
 
 
 class _LeanMaxPool2dFunction(torch.autograd.Function):

@@ -37,17 +37,21 @@ multiplication by the scale).
 
 The choice between a bitmap and dense storage counts the format's own value bits, so an int8 cache
 goes dense above 7/8 kept rather than 31/32.
+
+Behind a bit-masked ReLU the bitmap is coded relative to the ReLU's 1-bit mask, which autograd holds
+anyway (:func:`encode_cache`'s ``reference``): one bit per passing element, about half a bit per
+element, so the table's ``1 +`` becomes about ``0.5 +`` (1.3 bits per element in int8).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from common.sparse.bits import CodecError
-from common.sparse.codec import EncodedTensor, decode, encode_above, encode_masked
+from common.sparse.codec import EncodedTensor, decode, encode_above, encode_masked, extend_bitmap, restrict_bitmap
 from common.sparse.sizes import SparseFormat
 
 #: The values of run-config key ``sap-format``.
@@ -97,7 +101,13 @@ def _scale_shape(shape: tuple[int, ...], axis: int | None) -> list[int]:
 class SapCache:
     """One activation as SAP holds it: positions as :class:`~common.sparse.codec.EncodedTensor` has
     them (``fmt`` dense or bitmap), values in ``value_format``'s storage dtype, and for int8 the
-    per-channel ``scale`` (``dtype``, the activation's, 1-D over ``axis``)."""
+    per-channel ``scale`` (``dtype``, the activation's, 1-D over ``axis``).
+
+    With a ``reference`` (a bitmap fmt only), the positions are coded relative to it
+    (:func:`~common.sparse.codec.restrict_bitmap`): ``positions`` holds one bit per set bit of
+    ``reference``, ``outside`` the flat int64 positions of the kept entries where ``reference`` is
+    clear. ``reference`` is another tensor's storage (the 1-bit mask of the ReLU that produced the
+    activation), shared, not copied, so autograd holds it once."""
 
     value_format: str
     fmt: SparseFormat
@@ -108,29 +118,38 @@ class SapCache:
     values: torch.Tensor
     positions: torch.Tensor
     scale: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
 
     @property
     def payload_nbytes(self) -> int:
-        """Bytes of values, positions and scales: what autograd holds for this activation."""
-        return self.values.nbytes + self.positions.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+        """Bytes of values, positions and scales: what autograd holds for this activation beyond the
+        ``reference``, which the ReLU holds anyway."""
+        optional = (t.nbytes for t in (self.scale, self.outside) if t is not None)
+        return self.values.nbytes + self.positions.nbytes + sum(optional)
 
     @property
     def meta(self) -> tuple:
         """Non-tensor fields, to keep on an autograd ctx next to :meth:`tensors`."""
-        return self.value_format, self.fmt, self.shape, self.dtype, self.nnz, self.axis
+        return self.value_format, self.fmt, self.shape, self.dtype, self.nnz, self.axis, self.reference is not None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """``(values, positions[, scale])``, for ``ctx.save_for_backward(*cache.tensors())``."""
-        return (self.values, self.positions) if self.scale is None else (self.values, self.positions, self.scale)
+        """``(values, positions[, scale][, reference, outside])``, for ``ctx.save_for_backward(*cache.tensors())``."""
+        optional = (t for t in (self.scale, self.reference, self.outside) if t is not None)
+        return (self.values, self.positions, *optional)
 
     @classmethod
     def rebuild(cls, meta: tuple, tensors: tuple[torch.Tensor, ...]) -> SapCache:
         """Reassemble from :attr:`meta` and the tensors of :meth:`tensors`; a wrong count is a CodecError."""
-        value_format, fmt, shape, dtype, nnz, axis = meta
-        want = 3 if value_format == "int8" else 2
+        value_format, fmt, shape, dtype, nnz, axis, relative = meta
+        want = 2 + (value_format == "int8") + 2 * relative
         if len(tensors) != want:
-            raise CodecError(f"a {value_format} SAP cache has {want} tensors, got {len(tensors)}")
-        return cls(value_format, fmt, shape, dtype, nnz, axis, *tensors)
+            what = f"a {value_format} SAP cache{' with relative positions' if relative else ''}"
+            raise CodecError(f"{what} has {want} tensors, got {len(tensors)}")
+        values, positions, *rest = tensors
+        scale = rest.pop(0) if value_format == "int8" else None
+        reference, outside = rest if relative else (None, None)
+        return cls(value_format, fmt, shape, dtype, nnz, axis, values, positions, scale, reference, outside)
 
 
 def _from_encoded(value_format: str, enc: EncodedTensor, values: torch.Tensor, axis=None, scale=None) -> SapCache:
@@ -149,9 +168,28 @@ def int8_scale(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return torch.where((scale > 0) & scale.isfinite(), scale, torch.ones((), dtype=scale.dtype, device=scale.device))
 
 
-def encode_cache(x: torch.Tensor, threshold: float | None, value_format: str) -> SapCache:
-    """Keep the entries of ``x`` with ``|x| > threshold`` (all of them for None) in ``value_format``."""
-    check_format(value_format)
+def encode_cache(
+    x: torch.Tensor, threshold: float | None, value_format: str, reference: torch.Tensor | None = None
+) -> SapCache:
+    """Keep the entries of ``x`` with ``|x| > threshold`` (all of them for None) in ``value_format``.
+
+    ``reference``: a packed bitmap over ``x`` (``ceil(n / 8)`` uint8 bytes, the 1-bit mask of the
+    ReLU whose output ``x`` is). A bitmap cache codes its positions relative to it
+    (:func:`~common.sparse.codec.restrict_bitmap`) where that is smaller: about half the bitmap
+    behind a ReLU, a little more behind a ReLU6, which lists its kept saturated entries apart. The
+    dense-or-bitmap choice itself counts a full bitmap, so dense may be kept a little beyond where
+    the relative coding would be smaller, at nearly everything kept (s_ta near 0).
+    """
+    cache = _encode_absolute(x, threshold, check_format(value_format))
+    if reference is None or cache.fmt is not SparseFormat.BITMAP:
+        return cache
+    sub, outside = restrict_bitmap(cache.positions, reference, x.numel())
+    if sub.nbytes + outside.nbytes >= cache.positions.nbytes:
+        return cache
+    return replace(cache, positions=sub, reference=reference, outside=outside)
+
+
+def _encode_absolute(x: torch.Tensor, threshold: float | None, value_format: str) -> SapCache:
     x = x.detach()
     storage = _STORAGE[value_format]
     bits = value_bits(value_format, x.dtype)
@@ -206,7 +244,12 @@ def decode_cache(cache: SapCache) -> torch.Tensor:
             )
     elif scale is not None:
         raise CodecError(f"a {cache.value_format} SAP cache carries no scale")
-    out = decode(EncodedTensor(cache.fmt, cache.shape, cache.dtype, cache.nnz, values.to(cache.dtype), cache.positions))
+    positions = cache.positions
+    if cache.reference is not None:
+        if cache.fmt is not SparseFormat.BITMAP:
+            raise CodecError(f"only a bitmap SAP cache codes its positions relative to a reference, not {cache.fmt}")
+        positions = extend_bitmap(positions, cache.outside, cache.reference, math.prod(cache.shape))
+    out = decode(EncodedTensor(cache.fmt, cache.shape, cache.dtype, cache.nnz, values.to(cache.dtype), positions))
     if scale is not None:
         out.mul_(scale.view(_scale_shape(cache.shape, cache.axis)))
     return out

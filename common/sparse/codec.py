@@ -46,7 +46,16 @@ from common.sparse.sizes import (
 
 # CodecError lives in common.sparse.bits, which every module of the package imports; it is exported here
 # as the error of encode and decode.
-__all__ = ["CodecError", "EncodedTensor", "decode", "encode", "encode_above", "encode_masked"]
+__all__ = [
+    "CodecError",
+    "EncodedTensor",
+    "decode",
+    "encode",
+    "encode_above",
+    "encode_masked",
+    "extend_bitmap",
+    "restrict_bitmap",
+]
 
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -191,6 +200,80 @@ def encode_above(
         return encode_masked(src, keep, policy="single-pass")
     fmt = choose_format(tuple(x.shape), int(torch.count_nonzero(keep)), bits, "single-pass")
     return encode_masked(src, keep, fmt=fmt)
+
+
+def _check_bitmap_type(bits: torch.Tensor, what: str) -> None:
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1:
+        got = f"{bits.dtype} of shape {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
+        raise CodecError(f"{what} must be a 1-D torch.uint8 bitmap, got {got}")
+
+
+def _check_bitmap(bits: torch.Tensor, count: int, what: str) -> None:
+    """``bits`` must be ``ceil(count / 8)`` uint8 bytes, 1-D, with zero padding."""
+    _check_bitmap_type(bits, what)
+    if bits.numel() != -(-count // 8):
+        raise CodecError(f"{what} of {count} bits needs {-(-count // 8)} bytes, got {bits.numel()}")
+    _check_zero_padding(bits, count)
+
+
+def restrict_bitmap(bitmap: torch.Tensor, reference: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitmap`` (``n`` bits) coded relative to ``reference`` (``n`` bits): ``(sub, outside)``.
+
+    Layout. ``sub``: one bit per set bit of ``reference``, in order, MSB-first, zero-padded to a whole
+    byte; bit ``j`` is bit ``i_j`` of ``bitmap``, ``i_j`` the position of the ``j``-th set bit of
+    ``reference`` (``pext(bitmap, reference)`` over the whole stream). ``outside``: the positions
+    (flat, ascending, int64) of ``bitmap``'s set bits where ``reference``'s is clear. That is
+    ``ceil(p / 8) + 8 e`` bytes (``p = popcount(reference)``, ``e`` outside bits) instead of
+    ``ceil(n / 8)``, and :func:`extend_bitmap` recovers ``bitmap`` exactly whatever ``reference`` is.
+    SAP passes the 1-bit mask a bit-masked ReLU already holds for its own backward: ``e = 0`` behind a
+    ReLU, a handful of saturated entries behind a ReLU6.
+    """
+    _check_bitmap(bitmap, n, "the bitmap")
+    _check_bitmap(reference, n, "the reference bitmap")
+    if bitkernels.usable_bitmaps(bitmap, reference):
+        sub, outside = bitkernels.restrict_bits(bitmap, reference, n)
+        return sub, _outside(bitmap, reference) if outside else torch.zeros(0, dtype=torch.int64)
+    return pack_bits(unpack_bits(bitmap, n)[unpack_bits(reference, n)]), _outside(bitmap, reference)
+
+
+def _outside(bitmap: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Ascending int64 positions of the bits set in ``bitmap`` and clear in ``reference``: a pass over
+    the bytes, then only over the few that have any (the same ops with and without the kernels)."""
+    stray = torch.bitwise_and(bitmap, torch.bitwise_not(reference))
+    at = stray.nonzero().view(-1)
+    bits = unpack_bits(stray[at], 8 * at.numel()).view(-1, 8)
+    return (8 * at.view(-1, 1) + torch.arange(8, device=at.device))[bits]
+
+
+def extend_bitmap(sub: torch.Tensor, outside: torch.Tensor | None, reference: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n``-bit bitmap that :func:`restrict_bitmap` coded as ``(sub, outside)`` relative to
+    ``reference``, validating the coding first."""
+    _check_bitmap(reference, n, "the reference bitmap")
+    _check_bitmap_type(sub, "the relative bitmap")
+    if not isinstance(outside, torch.Tensor) or outside.dtype != torch.int64 or outside.dim() != 1:
+        got = f"{outside.dtype} of shape {tuple(outside.shape)}" if isinstance(outside, torch.Tensor) else outside
+        raise CodecError(f"the positions outside the reference must be a 1-D torch.int64 tensor, got {got}")
+    if outside.numel():
+        if int(outside.min()) < 0 or int(outside.max()) >= n:
+            raise CodecError(f"a position outside the reference is out of range for n={n}")
+        _check_strictly_increasing(outside, "positions outside the reference")
+        within = (reference[outside // 8] >> (7 - outside % 8).to(torch.uint8)) & 1
+        if bool(within.any()):
+            raise CodecError("a position listed outside the reference lies within it; the cache is corrupt")
+    if bitkernels.usable_bitmaps(sub, reference):
+        bitmap, ones = bitkernels.extend_bits(sub, reference, n)
+        _check_bitmap(sub, ones, "the relative bitmap")
+        assert bitmap is not None  # the kernel writes it whenever sub has the size just checked
+    else:
+        within_mask = unpack_bits(reference, n)
+        ones = int(torch.count_nonzero(within_mask))
+        _check_bitmap(sub, ones, "the relative bitmap")
+        keep = torch.zeros(n, dtype=torch.bool, device=within_mask.device)
+        keep[within_mask] = unpack_bits(sub, ones)
+        bitmap = pack_bits(keep)
+    # distinct bits, all clear so far (outside the reference): their sum per byte is their OR
+    bits = (torch.ones((), dtype=torch.uint8, device=bitmap.device) << (7 - outside % 8)).to(torch.uint8)
+    return bitmap.index_put_((outside // 8,), bits, accumulate=True)
 
 
 def encode(x: torch.Tensor, fmt: SparseFormat | str | None = None, policy: str = "paper") -> EncodedTensor:

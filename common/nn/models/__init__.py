@@ -36,12 +36,14 @@ def build_model(
     sap_linear: bool = False,
     width: int | None = None,
     sap_format: str = DEFAULT_SAP_FORMAT,
+    sap_relative: bool = True,
 ) -> nn.Module:
     """Build ``name`` with the given norm (``batchnorm | nsconv | none``) and SAP setting.
 
     ``act_sparsity=None`` trains with plain autograd; a float ``s_ta`` turns SAP on for the
     convolutions, and for the linear layers too with ``sap_linear``; ``sap_format`` is how those caches
-    store their kept values (``fp32 | fp16 | bf16 | int8``, :mod:`common.nn.sapcache`). ``width``: the
+    store their kept values (``fp32 | fp16 | bf16 | int8``, :mod:`common.nn.sapcache`), ``sap_relative``
+    whether their positions are coded relative to a preceding ReLU's mask (:class:`LayerFactory`). ``width``: the
     ResNets' base width (None or 64: He et al.'s); other models take only the default.
     """
     if name not in MODELS:
@@ -53,7 +55,7 @@ def build_model(
         kwargs["base_width"] = width
     elif width not in (None, DEFAULT_WIDTH):
         raise ValueError(f"a base width is defined for {', '.join(WIDTH_MODELS)}, not {name!r}")
-    return MODELS[name](LayerFactory(norm, act_sparsity, gamma, sap_linear, sap_format), **kwargs)
+    return MODELS[name](LayerFactory(norm, act_sparsity, gamma, sap_linear, sap_format, sap_relative), **kwargs)
 
 
 __all__ = ["DEFAULT_WIDTH", "MODELS", "NORMS", "WIDTH_MODELS", "LayerFactory", "build_model"]

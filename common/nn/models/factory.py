@@ -26,6 +26,8 @@ class LayerFactory:
     NSConv, and their pruned-activation gradients are the worst approximated (cosine 0.5-0.7 with the
     exact gradient on classifier heads at s_ta 0.9, against about 0.8 on convolutions).
     ``sap_format``: how every SAP layer stores its cached values (:data:`common.nn.sapcache.SAP_FORMATS`).
+    ``sap_relative``: whether a SAP layer fed by a ReLU codes its cached positions relative to the ReLU's
+    1-bit mask (lossless, never larger; off only to measure what it saves, as ``bench.memory`` does).
     """
 
     norm: Norm = "nsconv"
@@ -33,6 +35,7 @@ class LayerFactory:
     gamma: float = RELU_GAMMA
     sap_linear: bool = False
     sap_format: str = DEFAULT_SAP_FORMAT
+    sap_relative: bool = True
 
     def __post_init__(self):
         check_format(self.sap_format)
@@ -66,6 +69,7 @@ class LayerFactory:
             act_sparsity=None if stem else self.act_sparsity,
             sap_capable=not stem,
             sap_format=self.sap_format,
+            sap_relative=self.sap_relative,
         )
         if self.norm == "nsconv":
             return NSConv2d(c_in, c_out, kernel, bias=True, gamma=self.gamma if after_relu else 1.0, **kwargs)
@@ -100,4 +104,5 @@ class LayerFactory:
             act_sparsity=self.act_sparsity if sap else None,
             sap_capable=self.sap_linear,
             sap_format=self.sap_format,
+            sap_relative=self.sap_relative,
         )
