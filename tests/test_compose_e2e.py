@@ -8,15 +8,22 @@ host. Everything is as secure as compose.yml makes it: TLS on every hop, SuperNo
 apps only, the SuperLink off the device network. Three SuperNodes, each ClientApp container held to a
 Raspberry Pi 4B's 1 GiB (mem_limit), run a 3-round FedMef federation (LeNet-5, Fashion-MNIST).
 
+With FEDMEF_ARM64=1 (deploy/podman/arm64-federation.sh) a fourth SuperNode, pi-4, is an emulated
+Raspberry Pi 4B (deploy/podman/compose.arm64.yml): arm64 containers with the Pi's own pinned wheels, run by
+qemu-user on a Cortex-A72 CPU model, and every round must include its reply (its timings are qemu's, not
+a Pi's). Not by default: Flower's SuperNode fails a task whose ClientApp process has not fetched it within
+30 s (HEARTBEAT_DEFAULT_INTERVAL), and under emulation on a loaded 2-core host it does not.
+
 After round 1 one SuperNode container is killed, as a crash or the OOM killer would (SIGKILL from the
 host: `podman kill` counts as a user's stop, after which podman restarts nothing). It restarts by itself
 (restart: unless-stopped), with the same key so as the same node, and takes part again. `compose.sh down`
 then leaves the host as it was: no container, volume or network, the deployment's storage removed, the
-same nftables ruleset and forwarding sysctls as before.
+same nftables ruleset, forwarding sysctls and binfmt_misc handlers as before.
 
-It prints the timings (build, up, each round, down) and each SuperNode's and ClientApp container's peak
-memory from its cgroup. It skips where podman cannot run (not root, podman, runc or debootstrap
-missing), and fails instead where REQUIRE_DEPLOY is set (CI).
+It prints the timings (build, up, each round, down), the emulated SuperNode's train time per round and
+each SuperNode's and ClientApp container's peak memory from its cgroup. It skips where podman or qemu-user
+cannot run (not root, podman, runc, debootstrap or qemu-user-static missing), and fails instead where
+REQUIRE_DEPLOY is set (CI).
 """
 
 from __future__ import annotations
@@ -52,6 +59,11 @@ BUILD_TIMEOUT = 3600
 #: the ClientApp containers' memory limit: a Raspberry Pi 4B with 1 GiB
 MEM_LIMIT = 1 << 30
 SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding", "net/ipv6/conf/default/forwarding")
+#: pi-4, the emulated Raspberry Pi of compose.arm64.yml, with FEDMEF_ARM64=1; pi-1..pi-3 on the host's CPU
+ARM64 = os.environ.get("FEDMEF_ARM64") == "1"
+ARM64_PI = 4
+PIS = (1, 2, 3, ARM64_PI) if ARM64 else (1, 2, 3)
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
 
 
 def _host_state() -> dict:
@@ -62,6 +74,10 @@ def _host_state() -> dict:
     # what podman writes outside its own folders whatever its configuration (deploy/podman/env.sh)
     for path in ("/var/lib/containers", "/run/runc", "/run/containers/networks"):
         state[path] = Path(path).exists()
+    # binfmt_misc (deploy/pi/qemu-binfmt.sh): whether it is mounted, and each handler's state
+    state["binfmt_misc"] = (
+        {p.name: _read(p).split("\n", 1)[0] for p in BINFMT.iterdir()} if (BINFMT / "status").exists() else None
+    )
     return state
 
 
@@ -71,6 +87,12 @@ def _check_podman() -> None:
     for tool in ("podman", "runc", "debootstrap", "iptables", "nft"):
         if shutil.which(tool) is None:
             _missing(f"{tool} is missing: apt-get install podman buildah runc debootstrap (.ci/run installs them)")
+    for tool in ("qemu-aarch64-static", "update-binfmts") if ARM64 else ():
+        if shutil.which(tool) is None:
+            _missing(
+                f"{tool} is missing, so no emulated arm64 SuperNode: apt-get install qemu-user-static binfmt-support"
+                " (.ci/run installs them)"
+            )
     if not (Path("/sys/fs/cgroup/memory").is_dir() or "memory" in _read("/sys/fs/cgroup/cgroup.controllers")):
         _missing("no cgroup memory controller: the containers' mem_limit cannot be applied")
 
@@ -132,7 +154,15 @@ class Compose:
 
     def logs(self) -> str:
         out = []
-        for service in ("superlink", "superexec-serverapp", "fleet-proxy", "supernode-2", "superexec-clientapp-2"):
+        emulated = (f"supernode-{ARM64_PI}", f"superexec-clientapp-{ARM64_PI}") if ARM64 else ()
+        for service in (
+            "superlink",
+            "superexec-serverapp",
+            "fleet-proxy",
+            "supernode-2",
+            "superexec-clientapp-2",
+            *emulated,
+        ):
             try:
                 text = self.podman("logs", self.container(service))
             except AssertionError as exc:
@@ -150,14 +180,17 @@ def test_compose_federation_on_podman(tmp_path):
     built = subprocess.run([PODMAN / "build.sh"], cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     timings["build"] = time.monotonic() - start
+    print("\n" + built.stdout.splitlines()[-1])  # build.sh's timings, the arm64 image's among them
 
     # --- the operator's steps of deploy/README.md ("The same federation with Docker Compose")
     pki, parts, releases, results = (tmp_path / d for d in ("pki", "parts", "releases", "results.json"))
     made = subprocess.run(
-        [SERVER / "make-pki.sh", "-o", pki, "-n", "3", "superlink", "fleet-proxy"], capture_output=True, text=True
+        [SERVER / "make-pki.sh", "-o", pki, "-n", str(len(PIS)), "superlink", "fleet-proxy"],
+        capture_output=True,
+        text=True,
     )
     assert made.returncode == 0, made.stderr
-    prepare(parts, 3, run_config(), max_examples=400)
+    prepare(parts, len(PIS), run_config(), max_examples=400)
     fab = app_registry.build_fab(ROOT)
     _, _, version = app_registry.fab_identity(fab)
     app_registry.publish(releases, fab, app_registry.load_signing_key(pki / "app-signing" / "operator"))
@@ -178,6 +211,7 @@ def test_compose_federation_on_podman(tmp_path):
         "RELEASES_DIR": str(releases),
         "SUPERLINK_PORT": str(port),
         "CLIENTAPP_MEM_LIMIT": "1g",
+        "FEDMEF_ARM64": "1" if ARM64 else "0",
     }
     deployment = Compose(tmp_path, env)
     try:
@@ -203,24 +237,33 @@ def _scenario(deployment: Compose, env: dict[str, str], version: str, results: P
     timings["up"] = time.monotonic() - start
 
     # every ClientApp container is held to the Pi's memory (its cgroup's limit, not only the compose file)
-    for i in (1, 2, 3):
+    for i in PIS:
         assert deployment.cgroup_memory(f"superexec-clientapp-{i}")[1] == MEM_LIMIT
+    # the emulated Pi: arm64 containers, qemu on the Pi 4's CPU model, a Pi 4B's /proc/cpuinfo
+    for service in (f"supernode-{ARM64_PI}", f"superexec-clientapp-{ARM64_PI}") if ARM64 else ():
+        config = deployment.inspect(service)
+        assert config["ImageName"].startswith("localhost/fedmef-pi:"), config["ImageName"]
+        assert "QEMU_CPU=cortex-a72" in config["Config"]["Env"], config["Config"]["Env"]
+        emulated = deployment.podman(
+            "exec", deployment.container(service), "sh", "-c", "uname -m; grep ^Model /proc/cpuinfo"
+        )
+        assert emulated.split("\n")[0] == "aarch64" and "Raspberry Pi 4 Model B" in emulated, emulated
 
     start = time.monotonic()
     deadline = time.monotonic() + 120
     while not _answers(_run([BIN / "flwr", "ls", "compose", "--format", "json"], env)):  # the Control API is up
         assert time.monotonic() < deadline, "the SuperLink's Control API did not answer in 120 s:\n" + deployment.logs()
         time.sleep(2)
-    keys = [Path(env["PKI_DIR"]) / "devices" / f"pi-{i}.pub" for i in (1, 2, 3)]
+    keys = [Path(env["PKI_DIR"]) / "devices" / f"pi-{i}.pub" for i in PIS]
     registered = _run([SERVER / "register-devices.sh", "compose", *keys], env)
     assert registered.returncode == 0, registered.stdout + registered.stderr + deployment.logs()
     nodes = {int(pi): int(node) for pi, node in re.findall(r"pi-(\d): registered as node (\d+)", registered.stdout)}
-    assert sorted(nodes) == [1, 2, 3], registered.stdout
+    assert sorted(nodes) == list(PIS), registered.stdout
     node_ids = set(nodes.values())
     timings["register"] = time.monotonic() - start
 
     overrides = (
-        f"num-server-rounds={ROUNDS} max-local-steps=10 min-train-nodes=3 max-test-examples=500 "
+        f"num-server-rounds={ROUNDS} max-local-steps=10 min-train-nodes={len(PIS)} max-test-examples=500 "
         f"round-timeout={ROUND_TIMEOUT} node-wait-timeout=300 results-dir='/app/runs' run-name='compose'"
     )
     start = time.monotonic()
@@ -258,18 +301,49 @@ def _scenario(deployment: Compose, env: dict[str, str], version: str, results: P
     # every SuperNode took part; the killed one again after its restart, in the last round
     assert {c["node_id"] for r in data["rounds"] for c in r["clients"]} == node_ids
     last = data["rounds"][-1]["clients"]
-    assert {c["node_id"] for c in last} == node_ids and sorted(c["partition_id"] for c in last) == [0, 1, 2]
+    assert {c["node_id"] for c in last} == node_ids and sorted(c["partition_id"] for c in last) == list(range(len(PIS)))
     shutil.copy(results_file, results)
+
+    if ARM64:
+        _emulated_pi_took_part(data, nodes[ARM64_PI])
+    else:
+        print("\narm64 SuperNode: not run (FEDMEF_ARM64=1 adds it: deploy/podman/arm64-federation.sh)")
 
     killed = deployment.inspect("supernode-2")
     assert killed["RestartCount"] >= 1 and killed["State"]["Running"], killed["State"]
     peaks = {}
-    for i in (1, 2, 3):
+    for i in PIS:
         for service in (f"supernode-{i}", f"superexec-clientapp-{i}"):
             peaks[service] = round(deployment.cgroup_memory(service)[0] / 2**20)
     print(f"\npeak memory per container (MiB, from its memory cgroup): {peaks}")
     print(f"clients per round: {[len(r['clients']) for r in data['rounds']]}")
-    assert all(peaks[f"superexec-clientapp-{i}"] < MEM_LIMIT >> 20 for i in (1, 2, 3))
+    assert all(peaks[f"superexec-clientapp-{i}"] < MEM_LIMIT >> 20 for i in PIS)
+
+
+def _emulated_pi_took_part(data: dict, pi: int) -> None:
+    """pi-4 replied in every round, on the Pi's own aarch64 wheels, with SAP's kernels built by its gcc."""
+    took_part = [r["round"] for r in data["rounds"] if pi in {c["node_id"] for c in r["clients"]}]
+    print(f"\narm64 SuperNode took part in rounds {took_part} of {ROUNDS}")
+    replies = [c for r in data["rounds"] for c in r["clients"] if c["node_id"] == pi]
+    print(
+        "arm64 SuperNode per round: "
+        + ", ".join(
+            f"round {r['round']}: round {r['round_time_s']:.0f} s, train {c['train_time_s']:.1f} s, "
+            f"peak RSS {c['peak_rss_mb']:.0f} MiB"
+            for r in data["rounds"] for c in r["clients"] if c["node_id"] == pi
+        )
+    )  # fmt: skip
+    device = next(c["device"] for c in replies if "device" in c)
+    print(f"arm64 SuperNode's device report: {device}")
+    assert took_part == list(range(1, ROUNDS + 1)), took_part
+    assert device["arch"] == "aarch64" and device["sap-kernels"] == "native", device
+    assert device["torch"].split("+")[0] == _pi_pin("torch"), device
+
+
+def _pi_pin(name: str) -> str:
+    """The version deploy/pi/requirements-aarch64.txt pins ``name`` to."""
+    text = (ROOT / "deploy" / "pi" / "requirements-aarch64.txt").read_text()
+    return re.search(rf"^{name}==(\S+)", text, re.M)[1]
 
 
 def _lost_reply(reason: str) -> bool:

@@ -207,6 +207,40 @@ def test_podman_override_replaces_docker_hub_images_and_the_one_shot_job():
     assert "--build-arg SUPEREXEC_BASE=" in build and "--build-arg PROXY_BASE=" in build
 
 
+def test_arm64_override_is_pi_3_again_on_an_emulated_pi():
+    """deploy/podman/compose.arm64.yml's pi-4 is compose.yml's device-3, supernode-3 and
+    superexec-clientapp-3 with pi-4's key and partition, in arm64 containers of the Pi's image (its venv
+    made as on a Pi, the Pi unit's environment, qemu on the Pi 4's CPU model) with a Pi 4B's /proc/cpuinfo."""
+    services = _compose("compose.yml")["services"]
+    arm64 = _compose("podman/compose.arm64.yml")
+    assert set(arm64["services"]) == {"device-4", "supernode-4", "superexec-clientapp-4"}
+    assert arm64["secrets"] == {"pi-4-key": {"file": "${PKI_DIR:-./pki}/devices/pi-4"}}
+    cpuinfo = "./pi/pi4b-cpuinfo:/proc/cpuinfo:ro"
+    assert "Raspberry Pi 4 Model B" in (DEPLOY / "pi" / "pi4b-cpuinfo").read_text()
+    for name, pi in arm64["services"].items():
+        x86 = yaml.safe_load(yaml.safe_dump(services[name.replace("-4", "-3")]).replace("-3", "-4"))
+        x86.pop("image")
+        x86.pop("build", None)  # the ClientApp's SuperExec: the Pi's image instead, and its environment
+        assert x86.pop("environment", {}).items() <= runtime.TRAINING_ENV.items()
+        assert pi.pop("image") == f"localhost/fedmef-pi:${{FLWR_VERSION:-{flwr.__version__}}}"
+        assert pi.pop("platform") == "linux/arm64"
+        if name == "device-4":
+            assert pi == x86
+            continue
+        assert pi.pop("volumes") == x86.pop("volumes", []) + [cpuinfo]
+        assert pi.pop("entrypoint") == ["flower-supernode" if name == "supernode-4" else "flower-superexec"]
+        assert pi == x86, name
+    image = (DEPLOY / "podman" / "Dockerfile.pi").read_text()
+    assert "/opt/fedmef-pi/make-venv.sh /python/venv" in image and "QEMU_CPU=cortex-a72" in image
+    env = dict(pair.split("=", 1) for pair in re.search(r"^ENV (.*?)\n(?!\s)", image, re.M | re.S)[1].split()
+               if "=" in pair)  # fmt: skip
+    unit = _unit(DEPLOY / "pi" / "flower-supernode.service")
+    unit_env = dict(pair.split("=", 1) for line in unit["Environment"] for pair in shlex.split(line))
+    for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
+        assert env[key] == unit_env[key], key
+    assert runtime.TRAINING_ENV.items() <= env.items()
+
+
 def test_dockerfile_pins_flower_and_cpu_torch():
     text = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={flwr.__version__}" in text
@@ -581,10 +615,11 @@ def _pins() -> dict[str, str]:
 
 def test_pi_requirements_are_hash_pinned():
     # every pin has a digest (pip's --require-hashes would refuse the whole file otherwise), and
-    # install.sh insists on them
+    # make-venv.sh, which install.sh runs on a Pi, insists on them
     assert all(hashes for _, hashes in _pins_and_hashes().values())
-    install = (DEPLOY / "pi" / "install.sh").read_text()
-    assert re.search(r"pip install [^\n]*--require-hashes[^\n]*\\\n\s*-r \"\$here/requirements-aarch64.txt\"", install)
+    venv = (DEPLOY / "pi" / "make-venv.sh").read_text()
+    assert re.search(r"pip install [^\n]*--require-hashes[^\n]*\\\n\s*-r \"\$here/requirements-aarch64.txt\"", venv)
+    assert '"$here/make-venv.sh" "$venv"' in (DEPLOY / "pi" / "install.sh").read_text()
 
 
 def test_pi_requirements_pin_what_the_clientapp_imports():

@@ -9,7 +9,7 @@
 # Usage: sudo ./install.sh SUPERLINK_ADDRESS [MEMORY_BUDGET_MB]   (the server's Fleet API proxy, port 9092)
 #   e.g.  sudo ./install.sh 192.168.1.10:9092 1024
 # Run it from a copy of deploy/pi/. Safe to re-run (an existing venv is brought to the pins, an
-# existing settings file is kept). PIP_INDEX_URL may name a mirror of the package registry.
+# existing settings file is kept). PIP_INDEX_URL may name a mirror of the package registry (make-venv.sh).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,7 +24,7 @@ budget=${2:-1024}
 [[ $(id -u) -eq 0 ]] || die "run it as root: sudo $0 $*"
 [[ $(uname -m) == aarch64 ]] \
     || die "this is $(uname -m), not aarch64: flash Raspberry Pi OS Lite (64-bit); the 32-bit OS has no torch wheels"
-for file in requirements-aarch64.txt flower-supernode.service; do
+for file in requirements-aarch64.txt make-venv.sh flower-supernode.service; do
     [[ -f $here/$file ]] || die "$here/$file is missing: copy the whole deploy/pi folder to the Pi"
 done
 
@@ -42,22 +42,7 @@ install -d -o root -g flower -m 750 /etc/fedmef
 install -d -o flower -g flower -m 750 /var/lib/fedmef
 
 echo "== Python packages into $venv"
-[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
-# PIP_CONFIG_FILE=/dev/null: Raspberry Pi OS's /etc/pip.conf adds piwheels, whose builds are not the
-# wheels checked by check-wheels.sh. --require-hashes: every wheel must have one of the sha256 digests
-# of its pin (pin-hashes.py), so a mirror or proxy serving other bytes is refused. --no-deps with the
-# full lock: nothing unpinned comes in, and `pip check` below catches a dependency the lock would lack.
-export PIP_CONFIG_FILE=/dev/null
-"$venv/bin/python" -m pip install -q --no-cache-dir --only-binary=:all: --no-deps --require-hashes \
-    -r "$here/requirements-aarch64.txt"
-"$venv/bin/python" -m pip check
-# torch >= 2.10 from the registry dies here with SIGILL on a Cortex-A72; prove this one computes.
-"$venv/bin/python" -c '
-import torch, flwr
-x = torch.randn(8, 1, 28, 28)
-y = torch.nn.Conv2d(1, 6, 5)(x).relu().sum()
-y.backward()
-print(f"torch {torch.__version__} and flwr {flwr.__version__} work on this CPU")'
+"$here/make-venv.sh" "$venv"
 
 echo "== systemd unit"
 install -m 644 "$here/flower-supernode.service" /etc/systemd/system/flower-supernode.service

@@ -35,7 +35,7 @@ venv=/opt/fedmef-venv
 # The CPU model for every arm64 program, debootstrap's second stage included. qemu-user reads it from
 # the environment of each process it starts, so it is passed into the chroot's clean environment too.
 cpu=cortex-a72
-binfmt=/proc/sys/fs/binfmt_misc
+source "$here/qemu-binfmt.sh"
 
 die() { echo "qemu-proof.sh: $*" >&2; exit 1; }
 began=$SECONDS
@@ -48,16 +48,14 @@ step() { echo; echo "== [$(date -u +%H:%M:%S), +$((SECONDS - began)) s] $*"; }
 # ---------------------------------------------------------------- cleanup: only what this run changed
 ulimit -c 0         # a SIGILL (the control) makes qemu write a core file otherwise
 mounts=()           # chroot mounts, unmounted in reverse order
-binfmt_mounted=0    # we mounted binfmt_misc
-binfmt_enabled=0    # we enabled the qemu-aarch64 handler
+binfmt_state=$(mktemp)  # what qemu_binfmt_on changed
 cleanup() {
     local status=$? i
     for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do
         umount "${mounts[i]}" 2>/dev/null || umount -l "${mounts[i]}" \
             || echo "qemu-proof.sh: could not unmount ${mounts[i]}" >&2
     done
-    ((binfmt_enabled)) && update-binfmts --disable qemu-aarch64 >/dev/null 2>&1
-    ((binfmt_mounted)) && umount "$binfmt"
+    qemu_binfmt_off "$binfmt_state"
     exit "$status"
 }
 trap cleanup EXIT
@@ -90,23 +88,8 @@ fi
 qemu-aarch64-static --version | head -1
 
 step "binfmt_misc: the kernel hands arm64 programs to qemu-aarch64-static"
-# Needed, not just convenient: qemu-user emulates one program, and when it exec()s another arm64
-# program (dpkg's maintainer scripts, python -m venv's ensurepip, pip's subprocesses) the host kernel
-# must know to run that one through qemu as well. Containers often have binfmt_misc unmounted.
-if [[ ! -e $binfmt/status ]]; then
-    mount -t binfmt_misc binfmt_misc "$binfmt" \
-        || die "cannot mount binfmt_misc (a container without the privilege?): run this on the host or a VM"
-    binfmt_mounted=1
-fi
-if [[ $(head -1 "$binfmt/qemu-aarch64" 2>/dev/null) != enabled ]]; then
-    update-binfmts --enable qemu-aarch64 || die "cannot register the qemu-aarch64 binfmt handler"
-    binfmt_enabled=1
-fi
-# Debian registers it with the F flag (the kernel opens qemu at registration), so the chroot needs no
-# copy of qemu-aarch64-static.
-grep -q '^flags:.*F' "$binfmt/qemu-aarch64" \
-    || die "the qemu-aarch64 handler lacks the F flag; register it with fix_binary (Debian's qemu-user-static does)"
-sed -n '1,2p' "$binfmt/qemu-aarch64"
+qemu_binfmt_on "$binfmt_state" || die "cannot run arm64 programs through qemu (above)"
+sed -n '1,3p' "$QEMU_BINFMT/qemu-aarch64"
 
 step "Debian $suite arm64 root filesystem in $root"
 if [[ -f $root/.fedmef-rootfs ]]; then
@@ -132,13 +115,7 @@ step "a Raspberry Pi 4B's /proc/cpuinfo; /proc, /sys, /dev and the wheel folder 
 # qemu-user 7.2 passes the x86_64 host's /proc/cpuinfo through. torch imports with it all the same,
 # but its cpuinfo library tells the cores' type (which some kernels are chosen by) from this file, so
 # the chroot sees what a Pi 4B's 64-bit kernel shows: four Cortex-A72 (0x41/0xd08), no crypto features.
-{
-    for n in 0 1 2 3; do
-        printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$n"
-        printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n'
-    done
-    printf 'Hardware\t: BCM2835\nRevision\t: c03114\nSerial\t\t: 10000000fedfed00\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n'
-} >"$root/etc/fedmef-pi4-cpuinfo"
+cp "$here/pi4b-cpuinfo" "$root/etc/fedmef-pi4-cpuinfo"
 mount_in "$root/proc" -t proc proc
 mount_in "$root/sys" -t sysfs sysfs
 mount_in "$root/dev" --bind /dev

@@ -5,30 +5,34 @@
 #   localhost/fedmef-flwr-{superlink,supernode,superexec}:V   Dockerfile.flwr: stand-ins for flwr/*:V
 #   localhost/fedmef-superexec:V                  deploy/Dockerfile, on the stand-in superexec
 #   localhost/fedmef-fleet-proxy                  deploy/Dockerfile, target fleet-proxy, on the base
-# V is FLWR_VERSION (default: the pin of pyproject.toml). podman's layer cache makes a second build of
+# and with FEDMEF_ARM64=1 the emulated Raspberry Pi 4B of compose.arm64.yml, under qemu-user:
+#   localhost/fedmef-debian:bookworm-arm64        base-image.sh --arch arm64, made once
+#   localhost/fedmef-pi:V                         Dockerfile.pi: the Pi's venv (deploy/pi/make-venv.sh)
+# V is FLWR_VERSION (default: the pin of pyproject.toml, which requirements-aarch64.txt must share). podman's layer cache makes a second build of
 # unchanged sources take seconds; a change of the code rebuilds only the layers after its COPY.
 #
 # pip in the builds reaches the package registry with the host's CA bundle (a TLS-inspecting proxy's
 # CA included), mounted with a pip.conf for the build steps only: nothing of it stays in an image.
 # torch must be the CPU build: from PyTorch's CPU index when it answers, else the CPU wheel this host's
 # own pip would install (its find-links, e.g. /opt/wheels), else TORCH_WHEELS=folder holding one.
-# Needs root (podman with overlay storage). Settings: FLWR_VERSION, TORCH_WHEELS, FEDMEF_PODMAN_DIR,
+# Needs root (podman with overlay storage). Settings: FLWR_VERSION, FEDMEF_ARM64, TORCH_WHEELS, FEDMEF_PODMAN_DIR,
 # HOST_CA_BUNDLE (default: $PIP_CERT, $SSL_CERT_FILE or /etc/ssl/certs/ca-certificates.crt).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 export FEDMEF_PODMAN_STORE=build
 source "$here/env.sh"
+source "$root/deploy/pi/qemu-binfmt.sh"
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "run it as root (podman with overlay storage)"
-version=${FLWR_VERSION:-$(sed -n 's/.*"flwr\[simulation\]==\([0-9.]*\)".*/\1/p' "$root/pyproject.toml")}
-[[ -n $version ]] || die "no flwr pin in pyproject.toml: set FLWR_VERSION"
+version=$FLWR_VERSION
 torch_pin=$(sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' "$root/pyproject.toml")
 ca=${HOST_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 [[ -r $ca ]] || die "no CA bundle at $ca: set HOST_CA_BUNDLE"
 absent=$(absent_host_paths)
-trap 'remove_host_paths $absent' EXIT
+binfmt_state=$FEDMEF_PODMAN_DIR/build/binfmt.$$
+trap 'remove_host_paths $absent; qemu_binfmt_off "$binfmt_state"' EXIT
 timings=()
 step() { echo "== build.sh: $*"; }
 
@@ -89,6 +93,18 @@ start=$SECONDS
 step "localhost/fedmef-fleet-proxy"
 build -q "${common[@]}" --target fleet-proxy -t localhost/fedmef-fleet-proxy "$root" >/dev/null
 timings+=("fleet-proxy $((SECONDS - start)) s")
+
+# --- the emulated Pi: its base and its venv are made by arm64 programs, through qemu
+if [[ $FEDMEF_ARM64 == 1 ]]; then
+    start=$SECONDS
+    pi_flwr=$(sed -n 's/^flwr==\([0-9.]*\).*/\1/p' "$root/deploy/pi/requirements-aarch64.txt")
+    [[ $pi_flwr == "$version" ]] || die "deploy/pi/requirements-aarch64.txt pins flwr ${pi_flwr:-nothing}, the images are $version: re-lock it (deploy/pi/pin-hashes.py, check-wheels.sh)"
+    qemu_binfmt_on "$binfmt_state" || die "cannot run arm64 programs through qemu (above)"
+    "$here/base-image.sh" --arch arm64
+    step "localhost/fedmef-pi:$version (arm64, emulated)"
+    build -q --arch arm64 -t "localhost/fedmef-pi:$version" -f "$here/Dockerfile.pi" "$root/deploy/pi" >/dev/null
+    timings+=("arm64 $((SECONDS - start)) s")
+fi
 
 # layers of earlier builds that no tag uses any more
 podman image prune -f >/dev/null

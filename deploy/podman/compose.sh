@@ -11,20 +11,25 @@
 # compose.yml's settings come from the environment: PKI_DIR, PARTITIONS_DIR, RELEASES_DIR, FMNIST_DIR,
 # SUPERLINK_PORT (the Control API on the host's 127.0.0.1, default 8000), CLIENTAPP_MEM_LIMIT (each
 # SuperNode's ClientApp container, default 1g), FLWR_VERSION; relative paths are relative to deploy/.
+# FEDMEF_ARM64=1 (for every command of the deployment) adds compose.arm64.yml, a fourth SuperNode pi-4 as
+# an emulated Raspberry Pi 4B: `up` then enables qemu-user's binfmt handler where the host lacks it,
+# and `down` disables it again.
 # COMPOSE_PROJECT_NAME (default fedmef) names the containers (fedmef_supernode-1_1), volumes and networks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 export FEDMEF_PODMAN_STORE=run
 source "$here/env.sh"
+source "$root/deploy/pi/qemu-binfmt.sh"
 
 project=${COMPOSE_PROJECT_NAME:-fedmef}
 files=(-p "$project" -f "$root/deploy/compose.yml" -f "$here/compose.podman.yml")
+[[ $FEDMEF_ARM64 == 1 ]] && files+=(-f "$here/compose.arm64.yml")
 saved=$FEDMEF_PODMAN_RUN/host-state
 sysctls=(net/ipv4/ip_forward net/ipv6/conf/all/forwarding net/ipv6/conf/default/forwarding)
 
-# What the deployment changes outside its folders: the forwarding sysctls and iptables (netavark) and the
-# paths of env.sh's absent_host_paths. Recorded once, before the first `up` of a deployment; `down`
+# What the deployment changes outside its folders: the forwarding sysctls and iptables (netavark), the
+# paths of env.sh's absent_host_paths and binfmt_misc (qemu_binfmt_on's own record). Recorded once, before the first `up` of a deployment; `down`
 # restores it.
 save_host_state() {
     [[ -d $saved ]] && return
@@ -107,12 +112,16 @@ restore_saved() {
     # what podman wrote outside its folders (env.sh), where the host had none of it
     # shellcheck disable=SC2046
     remove_host_paths $(cat "$saved/absent-paths")
+    qemu_binfmt_off "$saved/binfmt"
 }
 
 case ${1:-} in
     up)
         shift
         save_host_state
+        if [[ $FEDMEF_ARM64 == 1 ]]; then
+            qemu_binfmt_on "$saved/binfmt" || { echo "compose.sh: cannot run the arm64 SuperNode (above)" >&2; exit 1; }
+        fi
         podman_compose "${files[@]}" up -d --no-build "$@"
         ;;
     down)

@@ -13,6 +13,10 @@
 #                       `deploy/podman/compose.sh down` removes it)
 #   FEDMEF_PODMAN_STORE build: podman works on the image cache itself (build.sh, base-image.sh);
 #                       run (default): a deployment, which reads the cache's images and writes nothing there
+#   FLWR_VERSION        the images' tag (default: the flwr pin of pyproject.toml), exported for the
+#                       compose files, so a new pin needs no other change here
+#   FEDMEF_ARM64=1      with the emulated Pi (compose.arm64.yml): build.sh builds its image, compose.sh
+#                       adds its services and runs them through qemu-user
 #
 # Why each containers.conf setting (this project's machines; harmless elsewhere):
 #   cgroup_manager=cgroupfs   no systemd as PID 1, so no systemd cgroup manager
@@ -26,6 +30,11 @@ set -euo pipefail
 FEDMEF_PODMAN_DIR=${FEDMEF_PODMAN_DIR:-/var/tmp/fedmef-podman}
 FEDMEF_PODMAN_STORE=${FEDMEF_PODMAN_STORE:-run}
 PODMAN_COMPOSE_VERSION=1.6.0
+FLWR_VERSION=${FLWR_VERSION:-$(sed -n 's/.*"flwr\[simulation\]==\([0-9.]*\)".*/\1/p' \
+    "$(dirname "${BASH_SOURCE[0]}")/../../pyproject.toml")}
+[[ -n $FLWR_VERSION ]] || { echo "no flwr pin in pyproject.toml: set FLWR_VERSION" >&2; return 2; }
+export FLWR_VERSION
+FEDMEF_ARM64=${FEDMEF_ARM64:-0}
 
 FEDMEF_PODMAN_RUN=${FEDMEF_PODMAN_RUN:-$FEDMEF_PODMAN_DIR/run}
 _podman_dir=$FEDMEF_PODMAN_DIR
