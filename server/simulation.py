@@ -119,6 +119,7 @@ def stop_flower_processes(flwr_home: Path) -> int:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SUPERLINK_START = re.compile(r"Failed to start local SuperLink within \d+ ?s\.")
 # The ServerApp's lines worth a terminal while a run goes on: each round's summary, a resumption, a
 # skipped round and a rejected reply (server/server_app.py, server/strategy.py).
 _PROGRESS = re.compile(
@@ -185,8 +186,16 @@ def failure_cause(log_path: Path | None) -> str:
     failed run reaches the terminal, not only the log file; empty when there are none."""
     if log_path is None or not log_path.exists():
         return ""
-    plain = (_ANSI.sub("", line) for line in log_path.read_text(errors="replace").splitlines())
+    plain = [_ANSI.sub("", line) for line in log_path.read_text(errors="replace").splitlines()]
     errors = [line.split(":", 1)[1].strip() for line in plain if line.startswith("ERROR") and ":" in line]
+    # flwr's own CLI errors come in a box (│ ... │) and before any ServerApp runs: the one a busy
+    # machine meets is the managed SuperLink missing its fixed start-up limit (15 s in flwr 1.41-1.42)
+    cli = " ".join(line.strip(" │╭╮╰╯─") for line in plain if line.startswith("│"))
+    if match := _SUPERLINK_START.search(cli):
+        errors.append(
+            f"{match.group(0)} flwr's local SuperLink did not start within flwr's fixed limit, "
+            "which happens on a machine too busy to start a Python process that fast: run again when it is quieter"
+        )
     return "".join(f"\n  {line}" for line in dict.fromkeys(errors))
 
 
