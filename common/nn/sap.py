@@ -266,12 +266,11 @@ def relu_pass_bits(x: torch.Tensor) -> torch.Tensor | None:
 
     A Python attribute of the output tensor, not a registry of layers: it is there only on that very
     object, so a view, a sum (a residual join) or any op's result has none, and no model code has to
-    say which layer follows which ReLU. The SAP cache does not trust it beyond its length: it codes
-    positions relative to it only after checking that every kept entry lies within it
-    (:func:`common.sparse.codec.restrict_bitmap`), which holds behind a ReLU (``|out| > t >= 0`` means
-    ``x > 0``) and behind a ReLU6 unless a saturated entry (``out = 6``, not in the pass mask) is kept.
-    The coding is exact for any reference that contains the kept entries, so even an in-place change
-    of the output after the ReLU cannot corrupt a cache.
+    say which layer follows which ReLU. The SAP cache does not trust it beyond its length: kept entries
+    outside it are listed apart (:func:`common.sparse.codec.restrict_bitmap`), none behind a ReLU
+    (``|out| > t >= 0`` means ``x > 0``), the kept saturated ones behind a ReLU6 (``out = 6`` is not in
+    its pass mask). The coding is exact whatever the reference holds, so even an in-place change of
+    the output after the ReLU cannot corrupt a cache.
     """
     return getattr(x, _PASS_BITS, None)
 
