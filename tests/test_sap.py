@@ -502,6 +502,42 @@ def test_relative_positions_change_no_gradient(name):
         assert torch.equal(grads[0][n], grads[1][n]), n
 
 
+def test_two_sap_layers_reading_one_relu_output_hold_its_cache_once():
+    """A ResNet block's first convolution and its projection shortcut read the same tensor."""
+    torch.manual_seed(5)
+    conv, shortcut = NSConv2d(8, 8, 3, padding=1, act_sparsity=0.9), NSConv2d(8, 8, 1, act_sparsity=0.9)
+    x = (torch.randn(4, 8, 16, 16) * 2).requires_grad_(True)
+    held = []
+    for layers in ((conv,), (conv, shortcut)):
+        with SavedTensorMeter(nn.ModuleList(layers)) as meter:
+            out = bitmask_relu(x)
+            ys = [layer(out) for layer in layers]
+        held.append(meter.held.activation_bytes)
+        sum(y.square().sum() for y in ys).backward()
+    assert held[0] == held[1]
+
+
+def test_a_shared_cache_follows_in_place_changes_and_settings():
+    x = torch.randn(2, 4, 8, 8).relu()
+    first = sap.shared_cache(x, 0.9, "fp32", True)
+    assert sap.shared_cache(x, 0.9, "fp32", True) is first
+    assert sap.shared_cache(x, 0.5, "fp32", True) is not first
+    assert sap.shared_cache(x, 0.5, "int8", True).value_format == "int8"
+    again = sap.shared_cache(x, 0.9, "fp32", True)
+    x.mul_(2)
+    changed = sap.shared_cache(x, 0.9, "fp32", True)
+    assert changed is not again
+    assert torch.equal(sap.decode_cache(changed), 2 * sap.decode_cache(again))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_evaluation_without_grad_caches_nothing(name):
+    model = build_model(name, act_sparsity=0.9, **({"width": 8} if name == "resnet18" else {}))
+    with torch.no_grad(), SavedTensorMeter(model) as meter:
+        model(torch.randn(2, 3, 32, 32))
+    assert meter.held.activation_bytes == 0
+
+
 def test_s_ta_zero_behind_a_relu_gives_exactly_the_unpruned_gradients():
     x = torch.randn(2, 6, 9, 9)
     results = []
