@@ -1,6 +1,8 @@
 """What SAP costs in accuracy without federation: the CIFAR protocol's model trained centrally for a
 fixed number of steps with BatchNorm, NSConv, NSConv + SAP on the convolutions (the paper's scope) and
-NSConv + SAP on every layer, three seeds each.
+NSConv + SAP on every layer, and SAP on the convolutions with each lossy cache format (``sap-format``
+fp16, bf16, int8), three seeds each. A format's cost is its accuracy against fp32 SAP, paired by seed
+(same initial weights, masks, batches, augmentation and threshold samples, so only the cache differs).
 
     python -m bench.sap_accuracy                 # writes bench/results/sap_accuracy/
     python -m bench.sap_accuracy --steps 200 --seeds 0
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from bench.train import run
 from common.data.datasets import DataError
+from common.nn.sapcache import SAP_FORMATS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sap_accuracy"
 CONFIGS: dict[str, dict] = {  # label -> bench.train.run arguments
@@ -26,24 +29,38 @@ CONFIGS: dict[str, dict] = {  # label -> bench.train.run arguments
     "nsconv": {"norm": "nsconv", "act_sparsity": None},
     "nsconv+sap-conv": {"norm": "nsconv", "act_sparsity": 0.9},
     "nsconv+sap-all": {"norm": "nsconv", "act_sparsity": 0.9, "sap_linear": True},
+    **{
+        f"nsconv+sap-conv-{fmt}": {"norm": "nsconv", "act_sparsity": 0.9, "sap_format": fmt}
+        for fmt in SAP_FORMATS
+        if fmt != "fp32"
+    },
 }
+#: the configuration whose accuracy the lossy formats are compared with
+REFERENCE = "nsconv+sap-conv"
 
 
 def summary_table(results: dict[str, list[dict]], title: str) -> str:
     lines = [
         title,
         "",
-        "| configuration | seeds | test accuracy (%) mean ± std | min–max | s per run |",
-        "|---|---|---|---|---|",
+        f"| configuration | seeds | test accuracy (%) mean ± std | min–max | minus {REFERENCE}, paired (points) "
+        "| s per run |",
+        "|---|---|---|---|---|---|",
     ]
+    reference = {r["seed"]: 100 * r["test_accuracy"] for r in results.get(REFERENCE, [])}
     for label, runs in results.items():
         accs = [100 * r["test_accuracy"] for r in runs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        diffs = [100 * r["test_accuracy"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
+        paired = "-" if label == REFERENCE or not diffs else _mean_std(diffs, signed=True)
         lines.append(
-            f"| {label} | {len(runs)} | {statistics.fmean(accs):.2f} ± {std:.2f} | {min(accs):.2f}–{max(accs):.2f} "
+            f"| {label} | {len(runs)} | {_mean_std(accs)} | {min(accs):.2f}–{max(accs):.2f} | {paired} "
             f"| {statistics.fmean(r['train_seconds'] for r in runs):.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(xs: list[float], signed: bool = False) -> str:
+    return f"{statistics.fmean(xs):{'+' if signed else ''}.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:

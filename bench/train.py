@@ -18,6 +18,8 @@ import torch
 from common.data.augment import random_crop_flip
 from common.data.datasets import DataError, load_dataset
 from common.nn.models import NORMS, build_model
+from common.nn.sap import seed_threshold_sampler
+from common.nn.sapcache import DEFAULT_SAP_FORMAT
 from common.nn.training import TrainStats, batches, evaluate, train_step
 from common.pruning.masks import keep_pruned_at_zero, load_masks, model_masks, random_masks, sparsity, weight_shapes
 
@@ -40,8 +42,10 @@ def run(
     width: int | None = None,
     sap_linear: bool = False,
     augment: bool = False,
+    sap_format: str = DEFAULT_SAP_FORMAT,
 ) -> dict:
     torch.manual_seed(seed)
+    seed_threshold_sampler(seed)  # else a run's SAP thresholds depend on the runs before it in this process
     data = load_dataset(dataset, data_dir)
     model = build_model(
         model_name,
@@ -51,6 +55,7 @@ def run(
         in_channels=data.in_channels,
         sap_linear=sap_linear,
         width=width,
+        sap_format=sap_format,
     )
     masks = random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(seed))
     load_masks(model, masks)
@@ -80,6 +85,7 @@ def run(
         "norm": norm,
         "act_sparsity": act_sparsity,
         "sap_linear": sap_linear,
+        "sap_format": sap_format,
         "width": width,
         "augment": augment,
         "param_sparsity_target": param_sparsity,

@@ -24,3 +24,25 @@ def test_sparse_sap_lenet_learns_fashion_mnist(fashion_mnist_available):
     assert losses[-1] < 0.6 * losses[0], losses
     assert result["test_accuracy"] > 0.6, result["test_accuracy"]  # chance is 0.1
     assert result["param_sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_a_run_does_not_depend_on_the_runs_before_it_in_the_process(fashion_mnist_available):
+    """The SAP threshold samples restart from the run's seed (the SAP accuracy bench runs many in one process)."""
+    first = run(steps=3, log_every=1, test_limit=200, sap_format="int8")
+    run(steps=2, log_every=1, test_limit=10, seed=1)
+    again = run(steps=3, log_every=1, test_limit=200, sap_format="int8")
+    assert again["curve"] == first["curve"]
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert first["sap_format"] == "int8"
+
+
+def test_sap_accuracy_prices_a_format_against_fp32_sap_paired_by_seed():
+    from bench.sap_accuracy import REFERENCE, summary_table
+
+    def runs(*accs):
+        return [{"seed": seed, "test_accuracy": acc, "train_seconds": 1.0} for seed, acc in enumerate(accs)]
+
+    table = summary_table({REFERENCE: runs(0.50, 0.60), "nsconv+sap-conv-int8": runs(0.49, 0.62)}, "t")
+    row = next(line for line in table.splitlines() if line.startswith("| nsconv+sap-conv-int8 "))
+    assert "| 55.50 ± 9.19 |" in row  # the accuracies themselves
+    assert "| +0.50 ± 2.12 |" in row  # -1 and +2 points against the same seeds of fp32 SAP
