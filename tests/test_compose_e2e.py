@@ -11,8 +11,9 @@ Raspberry Pi 4B's 1 GiB (mem_limit), run a 3-round FedMef federation (LeNet-5, F
 With FEDMEF_ARM64=1 (deploy/podman/arm64-federation.sh) a fourth SuperNode, pi-4, is an emulated
 Raspberry Pi 4B (deploy/podman/compose.arm64.yml): arm64 containers with the Pi's own pinned wheels, run by
 qemu-user on a Cortex-A72 CPU model, and every round must include its reply (its timings are qemu's, not
-a Pi's). Not by default: Flower's SuperNode fails a task whose ClientApp process has not fetched it within
-30 s (HEARTBEAT_DEFAULT_INTERVAL), and under emulation on a loaded 2-core host it does not.
+a Pi's). It passed on a quiet host (deploy/podman/arm64-federation.log). Not by default: Flower's SuperNode
+fails a task whose ClientApp process has not fetched it within 30 s (HEARTBEAT_DEFAULT_INTERVAL), which an
+emulated one on a loaded 2-core host misses, and the arm64 images take 20-55 min to build from nothing.
 
 After round 1 one SuperNode container is killed, as a crash or the OOM killer would (SIGKILL from the
 host: `podman kill` counts as a user's stop, after which podman restarts nothing). It restarts by itself

@@ -4,8 +4,8 @@
 # model): the images (the arm64 ones too), PKI, partitions, signed release, up, register, a 3-round run
 # with min-train-nodes=4, down, and the host as before (binfmt_misc included). Its log is
 # deploy/podman/arm64-federation.log. Apart from `make test-compose` because Flower's SuperNode fails a
-# task that no ClientApp process has fetched within 30 s, and an emulated ClientApp process on a loaded
-# 2-core host is not that quick (see the log).
+# task that no ClientApp process has fetched within 30 s, which an emulated ClientApp process on a loaded
+# 2-core host misses (it passed on a quiet one, see the log); run it with a core to spare.
 #
 # Usage, as root from anywhere:  deploy/podman/arm64-federation.sh 2>&1 | tee deploy/podman/arm64-federation.log
 # Needs what the test needs (.ci/run installs it): podman, buildah, runc, debootstrap, qemu-user-static,

@@ -86,9 +86,10 @@ esac
 
 # What podman 4.3 writes outside its configured folders whatever the configuration: a cache of blob
 # digests (/var/lib/containers/cache), runc's state folder (/run/runc, empty once no container runs) and
-# netavark's address database and aardvark-dns configuration (/run/containers/networks). The scripts
-# note which of them the host did not have (absent_host_paths) and remove those when they end.
-PODMAN_HOST_PATHS=(/var/lib/containers /run/runc /run/containers/networks)
+# netavark's address database and aardvark-dns configuration (/run/containers/networks, and its parent,
+# left empty). The scripts note which of them the host did not have (absent_host_paths) and remove
+# those when they end.
+PODMAN_HOST_PATHS=(/var/lib/containers /run/runc /run/containers/networks /run/containers)
 absent_host_paths() {
     local path
     for path in "${PODMAN_HOST_PATHS[@]}"; do
@@ -99,7 +100,7 @@ remove_host_paths() {
     local path
     for path in "$@"; do
         case $path in
-            /run/runc) rmdir "$path" 2>/dev/null || true ;;  # only when no container is left in it
+            /run/runc | /run/containers) rmdir "$path" 2>/dev/null || true ;;  # only when nothing is left in it
             /var/lib/containers | /run/containers/networks) rm -rf "$path" ;;
         esac
     done
