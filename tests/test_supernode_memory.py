@@ -1,0 +1,46 @@
+"""bench.supernode_memory's measuring parts: the ClientApp process sampler and the table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from bench.supernode_memory import ClientAppSampler, table
+
+ALLOCATE = "import time; block = bytearray({mib} * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(0.3)"
+
+
+def _named_child(name: str, mib: int) -> subprocess.Popen:
+    # argv[0] is what the sampler matches, as Flower's own processes show theirs
+    code = ALLOCATE.format(mib=mib)
+    return subprocess.Popen(["bash", "-c", f'exec -a {name} "{sys.executable}" -c "{code}"'])
+
+
+def test_the_sampler_keeps_the_peak_of_each_clientapp_process_after_it_exits_and_ignores_others():
+    with ClientAppSampler(os.getpid()) as sampler:
+        for name, mib in (("flwr-clientapp", 120), ("flower-supernode", 300), ("flwr-clientapp", 40)):
+            _named_child(name, mib).wait()
+            time.sleep(0.05)
+    peaks = [peak / 2**20 for peak in sampler.in_order()]
+    assert len(peaks) == 2, peaks  # the two ClientApps, oldest first; not the SuperNode-named one
+    assert 120 < peaks[0] < 120 + 60, peaks  # the block plus the interpreter
+    assert 40 < peaks[1] < 40 + 60, peaks
+
+
+def test_the_table_compares_normal_rounds_with_fedtinys_on_the_same_model():
+    def row(method: str, normal: float, adjustment: float) -> dict:
+        return {
+            "model": "resnet18",
+            "method": method,
+            "peak_mib": {"first": normal - 60, "adjustment": adjustment, "normal": normal},
+            "activation_mib": [20.0, 20.0, 20.0],
+            "topk_activation_mib": [0.0, 19.9, 0.0],
+            "train_s": [1.0, 2.0, 1.0],
+        }
+
+    text = table([row("fedtiny", 1500, 1500), row("fedmef", 900, 910)], "t")
+    fedmef = next(line for line in text.splitlines() if line.startswith("| resnet18 | fedmef |"))
+    assert "| 900 | 910 | 840 | -40% |" in fedmef
+    assert "| 19.9 |" in fedmef
