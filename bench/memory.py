@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from common.measure import runtime
 from common.measure.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
+from common.methods import METHODS
 from common.nn import bitkernels
 from common.nn.models import build_model
 from common.nn.sap import seed_threshold_sampler
@@ -150,7 +151,8 @@ def measure(
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_seconds_median": statistics.median(times),
         "step_seconds": times,
-        "estimate_bytes": estimate.footprint(sparse, sap),
+        # a sparse model as FedMef holds it (top-K gradients included), a dense one as FedAvg; SAP as run
+        "estimate_bytes": estimate.footprint(METHODS["fedmef" if sparse else "fedavg"], sap),
         "estimate_terms": estimate.__dict__,
         "train_flops_per_step": 3 * (flops.sparse if sparse else flops.dense) + (3 * flops.overhead if sap else 0),
         "inference_flops": {"dense": flops.dense, "sparse": flops.sparse, "sap_bae_overhead": flops.overhead},
@@ -199,11 +201,13 @@ def table(results: dict) -> str:
     ]
     for model_name, entry in results["models"].items():
         for r in entry["configs"].values():
+            glibc = r["glibc"] or {}
             rows.append(
                 f"| {model_name} | {r['config']} | {r['param_sparsity']} | {mib(r['activation_bytes'])} | "
                 f"{mib(r['parameter_bytes'])} | {mib(r['gradient_bytes'])} | {mib(r['optimizer_bytes'])} | "
                 f"{mib(r['peak_rss_bytes'])} | {mib(r['estimate_bytes'])} | {r['step_seconds_median']:.2f} | "
-                f"{r['glibc']['step_seconds_median']:.2f} | {mib(r['glibc']['peak_rss_bytes'])} | "
+                f"{_or_dash(glibc.get('step_seconds_median'), '{:.2f}')} | "
+                f"{_or_dash(glibc.get('peak_rss_bytes'), mib)} | "
                 f"{r['train_flops_per_step'] / 1e9:.1f} |"
             )
     rows.append("")
@@ -216,11 +220,18 @@ def table(results: dict) -> str:
         for s, ratio in entry["ratios"].items():
             rows.append(
                 f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x "
-                f"| {ratio['sap_step_time_ratio_glibc']:.2f}x |"
+                f"| {_or_dash(ratio['sap_step_time_ratio_glibc'], '{:.2f}x')} |"
             )
     rows.append("")
     rows.append(format_table(results))
     return "\n".join(rows)
+
+
+def _or_dash(value: float | None, fmt) -> str:
+    """``value`` formatted (a format string or a function), or "-" where it was not measured."""
+    if value is None:
+        return "-"
+    return fmt(value) if callable(fmt) else fmt.format(value)
 
 
 def format_table(results: dict) -> str:
@@ -259,19 +270,19 @@ def _formats(configs: dict, s: float) -> dict:
     return out
 
 
-def bytes_only(models: list[str], batch: int, out: Path) -> None:
+def bytes_only(models: list[str], batch: int, out: Path, sparsities: list[float]) -> None:
     """``--bytes-only``: activation bytes per configuration, measured in this process."""
     results: dict = {"batch": batch, "input": [3, 32, 32], "torch": torch.__version__, "models": {}}
     for model_name in models:
         configs = {}
-        for s in PARAM_SPARSITIES:
+        for s in sparsities:
             for label, norm, act_sparsity, sap_format, sap_relative in CONFIGS:
                 print(f"[bench.memory] {model_name} {label} s_tm={s} (bytes) ...", file=sys.stderr, flush=True)
                 held = held_bytes(model_name, norm, act_sparsity, sap_format, s, batch, sap_relative)
                 configs[f"{label}@{s}"] = {"config": label, "sap_format": sap_format, "activation_bytes": held}
         results["models"][model_name] = {
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
-            "formats": {str(s): _formats(configs, s) for s in PARAM_SPARSITIES},
+            "formats": {str(s): _formats(configs, s) for s in sparsities},
         }
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_bytes.json").write_text(json.dumps(results, indent=2))
@@ -296,6 +307,10 @@ def main() -> None:
         help="fresh-process runs of nsconv and nsconv+SAP, alternating, whose steps are pooled",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--param-sparsities", nargs="+", type=float, default=list(PARAM_SPARSITIES), metavar="S_TM")
+    parser.add_argument(
+        "--no-glibc", action="store_true", help="skip the second child per run that uses glibc's default allocation"
+    )
     parser.add_argument(
         "--bytes-only",
         action="store_true",
@@ -306,7 +321,7 @@ def main() -> None:
         print(json.dumps(measure(*json.loads(args.child))))
         return
     if args.bytes_only:
-        bytes_only(args.models, args.batch, args.out)
+        bytes_only(args.models, args.batch, args.out, args.param_sparsities)
         return
 
     results = {
@@ -317,12 +332,15 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "sap_kernels": bitkernels.status(),
-        "allocation": {"main": f"huge pages, {runtime.TRAINING_ENV}", "glibc": "glibc malloc defaults"},
+        "allocation": {
+            "main": f"huge pages, {runtime.TRAINING_ENV}",
+            "glibc": "not measured" if args.no_glibc else "glibc malloc defaults",
+        },
         "models": {},
     }
     for model_name in args.models:
         configs = {}
-        for s in PARAM_SPARSITIES:
+        for s in args.param_sparsities:
             # The two configurations whose step times are compared alternate, each time in fresh
             # processes, so that a slow spell of this shared machine does not fall on one of them only.
             for rep in range(args.repeats):
@@ -332,7 +350,7 @@ def main() -> None:
                     print(f"[bench.memory] {model_name} {label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True)
                     child = (model_name, label, norm, act_sparsity, sap_format, sap_relative, s, args.batch, args.steps)
                     r = run_child(*child, "thp")
-                    glibc = run_child(*child, "glibc")
+                    glibc = None if args.no_glibc else run_child(*child, "glibc")
                     key = f"{label}@{s}"
                     if rep == 0:
                         configs[key] = {
@@ -342,27 +360,29 @@ def main() -> None:
                             "sap_format": sap_format,
                             "param_sparsity": s,
                             **r,
-                            "glibc": {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")},
+                            "glibc": glibc and {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")},
                         }
                     else:
                         configs[key]["step_seconds"] += r["step_seconds"]
-                        configs[key]["glibc"]["step_seconds"] += glibc["step_seconds"]
+                        if glibc:
+                            configs[key]["glibc"]["step_seconds"] += glibc["step_seconds"]
         for entry in configs.values():  # over every run's steps
-            for timed in (entry, entry["glibc"]):
+            for timed in filter(None, (entry, entry["glibc"])):
                 timed["step_seconds_median"] = statistics.median(timed["step_seconds"])
         ratios = {}
-        for s in PARAM_SPARSITIES:
+        for s in args.param_sparsities:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]
             ratios[str(s)] = {
                 "activation_reduction": plain["activation_bytes"] / sap["activation_bytes"],
                 "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"],
-                "sap_step_time_ratio_glibc": sap["glibc"]["step_seconds_median"]
-                / plain["glibc"]["step_seconds_median"],
+                "sap_step_time_ratio_glibc": sap["glibc"]["step_seconds_median"] / plain["glibc"]["step_seconds_median"]
+                if plain["glibc"]
+                else None,
             }
         results["models"][model_name] = {
             "configs": configs,
             "ratios": ratios,
-            "formats": {str(s): _formats(configs, s) for s in PARAM_SPARSITIES},
+            "formats": {str(s): _formats(configs, s) for s in args.param_sparsities},
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
         }
     args.out.mkdir(parents=True, exist_ok=True)

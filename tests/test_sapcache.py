@@ -438,7 +438,7 @@ def test_sap_format_key_is_validated_and_flows_to_every_sap_layer():
         LayerFactory("nsconv", 0.9, sap_format="int4")
 
 
-def test_bench_memory_reports_bytes_per_format_and_position_coding(tmp_path, monkeypatch):
+def test_bench_memory_reports_bytes_per_format_and_position_coding(tmp_path):
     """``python -m bench.memory --bytes-only`` on MobileNetV2 at batch 2: one row per format and
     position coding, each format smaller than the one before it and than NSConv without SAP, and
     positions relative to the ReLU masks smaller than full bitmaps."""
@@ -446,8 +446,7 @@ def test_bench_memory_reports_bytes_per_format_and_position_coding(tmp_path, mon
 
     from bench import memory
 
-    monkeypatch.setattr(memory, "PARAM_SPARSITIES", (0.9,))
-    memory.bytes_only(["mobilenetv2"], 2, tmp_path)
+    memory.bytes_only(["mobilenetv2"], 2, tmp_path, [0.9])
     entry = json.loads((tmp_path / "memory_bytes.json").read_text())["models"]["mobilenetv2"]
     formats = entry["formats"]["0.9"]
     assert list(formats) == list(SAP_FORMATS)
@@ -461,3 +460,13 @@ def test_bench_memory_reports_bytes_per_format_and_position_coding(tmp_path, mon
         assert formats[f]["relu-relative"]["activation_bytes"] < formats[f]["bitmap"]["activation_bytes"]
     text = (tmp_path / "memory_bytes.md").read_text()
     assert "| mobilenetv2 | 0.9 | int8 | relu-relative |" in text and "| mobilenetv2 | 0.9 | int8 | bitmap |" in text
+
+
+def test_bench_memory_measures_a_training_step_beside_the_appendix_estimate():
+    """The child of ``python -m bench.memory``, in this process: one timed step of MobileNetV2 at batch 2."""
+    from bench import memory
+
+    r = memory.measure("mobilenetv2", "nsconv", 0.9, 0.9, batch=2, steps=1, sap_format="int8")
+    assert 0 < r["activation_bytes"] < r["estimate_bytes"]
+    assert len(r["step_seconds"]) == 1 and r["step_seconds_median"] > 0
+    assert r["gradient_bytes"] == r["parameter_bytes"]
