@@ -11,9 +11,8 @@ default), so each round's training runs in a process of its own: the process a P
 model and method (FedMef, FedMef without SAP, FedTiny, dense FedAvg; :data:`bench.compare.ABLATIONS`)
 the operator's ``flwr run`` asks for three rounds with ``delta-r = 2``, ``r-stop = 4``: round 2 is an
 adjustment round (FedMef's BaE, and the top-K gradient pass of FedMef and FedTiny), round 3 a normal
-one. Round 1, also normal, is reported apart: its process peaks 60-70 MiB lower than later normal
-rounds (ResNet18, FedMef, measured here with no adjustment at all: 899, 965, 960 MiB), so adjustment
-and normal rounds are compared on rounds 2 and 3.
+one. Round 1, also normal, is reported apart: its process can peak lower than later normal rounds,
+so adjustment and normal rounds are compared on rounds 2 and 3.
 
 A sampler polls the SuperNode's ``flwr-clientapp`` processes every 10 ms and keeps, per process, the
 largest VmHWM it read (``/proc/PID/status``: the kernel's high-water mark of that process's resident
