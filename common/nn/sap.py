@@ -235,8 +235,9 @@ def shared_cache(x: torch.Tensor, s_ta: float, value_format: str, relative: bool
     SAP bytes (fp32 at batch 64: 24.5 MiB with it, 21.0 without). The cache rides on ``x`` as a
     Python attribute (as the ReLU's pass mask does, :func:`relu_pass_bits`), so both layers save the
     very same tensors and autograd holds them once. It is made again if ``x`` was changed in place
-    since (its version counter moved) or a layer asks for another sparsity or format. Its lifetime
-    is the graph's anyway: both layers save it.
+    since (its version counter moved) or a layer asks for another sparsity or format. It lives as
+    long as ``x`` or the graph does: inside a model ``x`` is dropped after forward, but a caller who
+    keeps an activation tensor past backward keeps its cache too.
     """
     key = (s_ta, value_format, relative, x._version)
     held = getattr(x, _SAP_CACHE, None)
