@@ -3,8 +3,9 @@
 Run as ``python -m bench.memory``. For ResNet18 and MobileNetV2 (batch 64, 3x32x32) and each
 configuration (BatchNorm; NSConv; NSConv + SAP at s_ta 0.9 with each cache value format of
 ``sap-format``, fp32, fp16, bf16 and int8, and each position coding: relative to the preceding
-ReLU's mask where there is one, the default, or a full bitmap; each dense and at parameter sparsity
-0.9) a fresh child process trains a few SGD steps and reports:
+ReLU's mask where there is one, the default, or a full bitmap; and NSConv under
+``torch.utils.checkpoint`` over 4 segments, what a user would reach for instead of SAP; each dense and
+at parameter sparsity 0.9) a fresh child process trains a few SGD steps and reports:
 
 - ``activation_bytes``: every storage autograd holds between forward and backward, counted
   exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
@@ -35,9 +36,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from common.measure import runtime
 from common.measure.accounting import SavedTensorMeter, estimate_flops, estimate_memory, profile_layers
@@ -60,17 +64,53 @@ SAP_CONFIGS = {
     for f in SAP_FORMATS
     for pos, relative in POSITIONS.items()
 }
-# (label, norm, act_sparsity, sap_format, sap_relative)
+CHECKPOINT_SEGMENTS = 4
+
+
+class Config(NamedTuple):
+    label: str
+    norm: str
+    act_sparsity: float | None = None
+    sap_format: str = "fp32"
+    sap_relative: bool = True
+    #: >0: the model's body runs under ``torch.utils.checkpoint`` in this many segments
+    checkpoint_segments: int = 0
+
+
 CONFIGS = (
-    ("batchnorm", "batchnorm", None, "fp32", True),
-    ("nsconv", "nsconv", None, "fp32", True),
-    *((label, "nsconv", 0.9, f, POSITIONS[pos]) for (f, pos), label in SAP_CONFIGS.items()),
+    Config("batchnorm", "batchnorm"),
+    Config("nsconv", "nsconv"),
+    *(Config(label, "nsconv", 0.9, f, POSITIONS[pos]) for (f, pos), label in SAP_CONFIGS.items()),
+    Config("nsconv+checkpoint", "nsconv", checkpoint_segments=CHECKPOINT_SEGMENTS),
 )
 PARAM_SPARSITIES = (0.0, 0.9)
 BATCH, STEPS, WARMUP, REPEATS = 64, 8, 1, 3
 # the configurations whose step times are compared with NSConv's (the target is on the SAP formats as
 # they run by default; the full bitmaps are measured once, for their bytes)
-TIMED = ("nsconv", *(label for (_, pos), label in SAP_CONFIGS.items() if POSITIONS[pos]))
+TIMED = ("nsconv", *(label for (_, pos), label in SAP_CONFIGS.items() if POSITIONS[pos]), "nsconv+checkpoint")
+
+
+class _Checkpointed(nn.Module):
+    """A model's body (an ``nn.Sequential``) recomputed segment by segment in backward.
+
+    Reentrant on purpose: it saves each segment's input through ``ctx.save_for_backward``, where
+    :class:`SavedTensorMeter`'s hooks see it; the non-reentrant variant keeps the inputs through hooks
+    of its own, and the meter would count nothing for the checkpointed body.
+    """
+
+    def __init__(self, body: nn.Sequential, segments: int):
+        super().__init__()
+        self.body, self.segments = body, segments
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_sequential(self.body, self.segments, x, use_reentrant=True)
+
+
+def checkpointed(model: nn.Module, segments: int) -> nn.Module:
+    """``model`` with its body (ResNet's stages, MobileNetV2's inverted residuals) checkpointed."""
+    name = "layers" if hasattr(model, "layers") else "blocks"
+    setattr(model, name, _Checkpointed(getattr(model, name), segments))
+    return model
 
 
 def _model(
@@ -80,6 +120,7 @@ def _model(
     sap_format: str,
     param_sparsity: float,
     sap_relative: bool = True,
+    checkpoint_segments: int = 0,
 ):
     torch.manual_seed(0)
     seed_threshold_sampler(0x5A9)
@@ -90,7 +131,7 @@ def _model(
         load_masks(
             model, random_masks(weight_shapes(model), param_sparsity, generator=torch.Generator().manual_seed(0))
         )
-    return model
+    return checkpointed(model, checkpoint_segments) if checkpoint_segments else model
 
 
 def held_bytes(
@@ -101,9 +142,10 @@ def held_bytes(
     param_sparsity: float,
     batch: int,
     sap_relative: bool = True,
+    checkpoint_segments: int = 0,
 ) -> int:
     """Activation bytes held for backward in one seeded step (deterministic; ``--bytes-only``)."""
-    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative)
+    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative, checkpoint_segments)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
     with SavedTensorMeter(model) as meter:
         loss = F.cross_entropy(model(x), y)
@@ -120,9 +162,10 @@ def measure(
     steps: int,
     sap_format: str = "fp32",
     sap_relative: bool = True,
+    checkpoint_segments: int = 0,
 ) -> dict:
     """Train ``steps`` SGD steps (after one warm-up) and measure; runs inside the child process."""
-    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative)
+    model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative, checkpoint_segments)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
     times, held = [], None
@@ -159,25 +202,10 @@ def measure(
     }
 
 
-def run_child(
-    model_name: str,
-    label: str,
-    norm: str,
-    act_sparsity,
-    sap_format: str,
-    sap_relative: bool,
-    param_sparsity: float,
-    batch: int,
-    steps: int,
-    allocator: str,
-) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.memory",
-        "--child",
-        json.dumps([model_name, norm, act_sparsity, param_sparsity, batch, steps, sap_format, sap_relative]),
-    ]
+def run_child(model_name: str, c: Config, param_sparsity: float, batch: int, steps: int, allocator: str) -> dict:
+    child = [model_name, c.norm, c.act_sparsity, param_sparsity, batch, steps]
+    child += [c.sap_format, c.sap_relative, c.checkpoint_segments]
+    cmd = [sys.executable, "-m", "bench.memory", "--child", json.dumps(child)]
     env = (
         runtime.training_env()
         if allocator == "thp"
@@ -185,7 +213,7 @@ def run_child(
     )
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{model_name}/{label} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{model_name}/{c.label} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -213,14 +241,15 @@ def table(results: dict) -> str:
     rows.append("")
     rows.append(
         "| model | s_tm | activation bytes nsconv / nsconv+SAP | step time nsconv+SAP / nsconv "
-        "| same, glibc allocation |"
+        "| same, glibc allocation | activation bytes nsconv / checkpoint | step time checkpoint / nsconv |"
     )
-    rows.append("|---|---|---|---|---|")
+    rows.append("|---|---|---|---|---|---|---|")
     for model_name, entry in results["models"].items():
         for s, ratio in entry["ratios"].items():
             rows.append(
                 f"| {model_name} | {s} | {ratio['activation_reduction']:.2f}x | {ratio['sap_step_time_ratio']:.2f}x "
-                f"| {_or_dash(ratio['sap_step_time_ratio_glibc'], '{:.2f}x')} |"
+                f"| {_or_dash(ratio['sap_step_time_ratio_glibc'], '{:.2f}x')} "
+                f"| {ratio['checkpoint_activation_reduction']:.2f}x | {ratio['checkpoint_step_time_ratio']:.2f}x |"
             )
     rows.append("")
     rows.append(format_table(results))
@@ -276,10 +305,12 @@ def bytes_only(models: list[str], batch: int, out: Path, sparsities: list[float]
     for model_name in models:
         configs = {}
         for s in sparsities:
-            for label, norm, act_sparsity, sap_format, sap_relative in CONFIGS:
-                print(f"[bench.memory] {model_name} {label} s_tm={s} (bytes) ...", file=sys.stderr, flush=True)
-                held = held_bytes(model_name, norm, act_sparsity, sap_format, s, batch, sap_relative)
-                configs[f"{label}@{s}"] = {"config": label, "sap_format": sap_format, "activation_bytes": held}
+            for c in CONFIGS:
+                print(f"[bench.memory] {model_name} {c.label} s_tm={s} (bytes) ...", file=sys.stderr, flush=True)
+                held = held_bytes(
+                    model_name, c.norm, c.act_sparsity, c.sap_format, s, batch, c.sap_relative, c.checkpoint_segments
+                )
+                configs[f"{c.label}@{s}"] = {"config": c.label, "sap_format": c.sap_format, "activation_bytes": held}
         results["models"][model_name] = {
             "activation_bytes": {k: v["activation_bytes"] for k, v in configs.items()},
             "formats": {str(s): _formats(configs, s) for s in sparsities},
@@ -344,20 +375,23 @@ def main() -> None:
             # The two configurations whose step times are compared alternate, each time in fresh
             # processes, so that a slow spell of this shared machine does not fall on one of them only.
             for rep in range(args.repeats):
-                for label, norm, act_sparsity, sap_format, sap_relative in CONFIGS:
-                    if rep and label not in TIMED:
+                for c in CONFIGS:
+                    if rep and c.label not in TIMED:
                         continue
-                    print(f"[bench.memory] {model_name} {label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True)
-                    child = (model_name, label, norm, act_sparsity, sap_format, sap_relative, s, args.batch, args.steps)
+                    print(
+                        f"[bench.memory] {model_name} {c.label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True
+                    )
+                    child = (model_name, c, s, args.batch, args.steps)
                     r = run_child(*child, "thp")
                     glibc = None if args.no_glibc else run_child(*child, "glibc")
-                    key = f"{label}@{s}"
+                    key = f"{c.label}@{s}"
                     if rep == 0:
                         configs[key] = {
-                            "config": label,
-                            "norm": norm,
-                            "act_sparsity": act_sparsity,
-                            "sap_format": sap_format,
+                            "config": c.label,
+                            "norm": c.norm,
+                            "act_sparsity": c.act_sparsity,
+                            "sap_format": c.sap_format,
+                            "checkpoint_segments": c.checkpoint_segments,
                             "param_sparsity": s,
                             **r,
                             "glibc": glibc and {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")},
@@ -372,9 +406,12 @@ def main() -> None:
         ratios = {}
         for s in args.param_sparsities:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]
+            ckpt = configs[f"nsconv+checkpoint@{s}"]
             ratios[str(s)] = {
                 "activation_reduction": plain["activation_bytes"] / sap["activation_bytes"],
                 "sap_step_time_ratio": sap["step_seconds_median"] / plain["step_seconds_median"],
+                "checkpoint_activation_reduction": plain["activation_bytes"] / ckpt["activation_bytes"],
+                "checkpoint_step_time_ratio": ckpt["step_seconds_median"] / plain["step_seconds_median"],
                 "sap_step_time_ratio_glibc": sap["glibc"]["step_seconds_median"] / plain["glibc"]["step_seconds_median"]
                 if plain["glibc"]
                 else None,

@@ -470,3 +470,25 @@ def test_bench_memory_measures_a_training_step_beside_the_appendix_estimate():
     assert 0 < r["activation_bytes"] < r["estimate_bytes"]
     assert len(r["step_seconds"]) == 1 and r["step_seconds_median"] > 0
     assert r["gradient_bytes"] == r["parameter_bytes"]
+
+
+def test_bench_memory_checkpointed_body_holds_less_and_gives_the_same_gradients():
+    """``nsconv+checkpoint``, the alternative a user would reach for: ``torch.utils.checkpoint`` over
+    the body recomputes it in backward, so its gradients equal plain NSConv's exactly, while the meter
+    still sees the segment inputs it keeps (fewer bytes, not none)."""
+    import torch.nn.functional as F
+
+    from bench import memory
+    from common.measure.accounting import SavedTensorMeter
+
+    runs = {}
+    for segments in (0, memory.CHECKPOINT_SEGMENTS):
+        model = memory._model("resnet18", "nsconv", None, "fp32", 0.9, True, segments)
+        x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+        with SavedTensorMeter(model) as meter:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        runs[segments] = meter.held.activation_bytes, [p.grad for p in model.parameters()]
+    (plain_bytes, plain_grads), (ckpt_bytes, ckpt_grads) = runs.values()
+    assert 0 < ckpt_bytes < plain_bytes / 2
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, ckpt_grads, strict=True))
