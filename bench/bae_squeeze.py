@@ -55,8 +55,10 @@ def penalty_only_ratio(
 
 def squeeze_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per adjustment round with BaE: marks, norms, the aggregate's ratio and each client's
-    measured ratio beside the penalty-only prediction for its step count."""
+    measured ratio beside the penalty-only prediction for its step count (None under ``bae-penalty =
+    l1``, whose shrink depends on each mark's size, not one scalar)."""
     cfg = results["run"]["config"]
+    scalar = cfg.get("bae-penalty", "l2") == "l2"  # runs before the key were l2
     rows = []
     for r in results["rounds"]:
         clients = [c for c in r.get("clients", []) if c.get("bae_marked") and c.get("bae_norm_start")]
@@ -67,7 +69,9 @@ def squeeze_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             (
                 c["steps"],
                 c["bae_norm_end"] / c["bae_norm_start"],
-                penalty_only_ratio(
+                None
+                if not scalar
+                else penalty_only_ratio(
                     c["steps"],
                     eta_t,
                     cfg["lr"],
@@ -91,7 +95,8 @@ def squeeze_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "clients": len(measured),
                 "client_ratio_median": statistics.median(measured),
                 "clients_by_steps": [
-                    {"steps": s, "measured": round(m, 3), "penalty_only": round(p, 3)} for s, m, p in sorted(pairs)
+                    {"steps": s, "measured": round(m, 3), "penalty_only": None if p is None else round(p, 3)}
+                    for s, m, p in sorted(pairs, key=lambda pair: pair[:2])
                 ],
             }
         )
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         near, far = [], []
         for row in rows:
             for c in row["clients_by_steps"]:
-                (near if abs(c["penalty_only"]) <= 0.25 else far).append(c["measured"])
+                if c["penalty_only"] is not None:
+                    (near if abs(c["penalty_only"]) <= 0.25 else far).append(c["measured"])
         report[folder.name] = {
             "rounds": rows,
             "measured_median_near_trough": statistics.median(near) if near else math.nan,
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|---|")
         for row in rows:
             detail = ", ".join(
-                f"{c['steps']}: {c['measured']:.2f} ({c['penalty_only']:+.2f})" for c in row["clients_by_steps"]
+                f"{c['steps']}: {c['measured']:.2f} ({_fmt(c['penalty_only'])})" for c in row["clients_by_steps"]
             )
             print(
                 f"| {row['round']} | {row['marked']} | {row['norm_start']:.4f} | {_fmt(row['aggregate_ratio'])} "

@@ -71,7 +71,9 @@ def train(msg: Message, context: Context) -> Message:
     trained = {name: m.cpu() for name, m in result.masks.items()}
 
     upload_masks = None if ins.mode in ("dense", "error-feedback") else trained
-    content = RecordDict({"model": to_array_record(pack_values(model.state_dict(), layout, upload_masks))})
+    content = RecordDict(
+        {"model": to_array_record(pack_values(model.state_dict(), layout, upload_masks, ins.wire_format))}
+    )
     if ins.adjust_local and ins.adjusting:
         flips = {name: (torch.nonzero((trained[name] != masks[name]).reshape(-1)).reshape(-1), None) for name in masks}
         content["flips"] = to_array_record(encode_positions(flips, layout, "flips"))
@@ -157,7 +159,7 @@ def _received_model(
     layout = ModelLayout.of(model)
     masks = _current_masks(msg, context, layout, ins)
     arrays = from_array_record(msg.content.array_records["model"])
-    state = unpack_values(arrays, layout, None if ins.mode == "dense" else masks)
+    state = unpack_values(arrays, layout, None if ins.mode == "dense" else masks, ins.wire_format)
     model.load_state_dict(state, strict=False)
     load_masks(model, masks)
     return model, layout, masks

@@ -218,7 +218,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     if ins.bae and ins.adjusting:
         marks = mark_low({n: w.detach() for n, w in weights.items()}, masks, counts)
         if ins.bae_step == "loss":
-            penalties.append(lambda: ins.bae_lambda * extrusion_penalty(weights, marks))
+            penalties.append(lambda: ins.bae_lambda * extrusion_penalty(weights, marks, ins.bae_penalty))
     norm_start = marked_norm(weights, marks) if marks else 0.0
     if ins.reg_lambda > 0:  # FedDIP: un-squared per-layer L2 norm
         penalties.append(lambda: ins.reg_lambda * sum(w.norm() for w in weights.values()))
@@ -242,7 +242,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
                     group["lr"] = lr
             train_step(model, optimizer, images, labels, stats, forward=forward, penalty=penalty)
             if marks and ins.bae_step == "proximal":
-                extrusion_prox_(weights, marks, ins.bae_lambda, lr)
+                extrusion_prox_(weights, marks, ins.bae_lambda, lr, ins.bae_penalty)
     finally:
         for hook in hooks:
             hook.remove()

@@ -422,7 +422,9 @@ class SparseStrategy(Strategy):
             raise WireError(f"train-loss must be a finite float, got {loss!r}")
         arrays = from_array_record(content.array_records["model"])
         masks = self.reply_masks(content, ins)
-        state = unpack_values(arrays, self.layout, None if self.mode != "masked" else (masks or self.masks))
+        state = unpack_values(
+            arrays, self.layout, None if self.mode != "masked" else (masks or self.masks), ins.wire_format
+        )
         topk = None
         if ins.topk and ins.adjusting:
             if "topk" not in content:
@@ -617,7 +619,9 @@ class SparseStrategy(Strategy):
         content = RecordDict(
             {
                 "train": ConfigRecord(ins.to_config()),
-                "model": to_array_record(pack_values(self.global_state(), self.layout, self.masks if sparse else None)),
+                "model": to_array_record(
+                    pack_values(self.global_state(), self.layout, self.masks if sparse else None, ins.wire_format)
+                ),
             }
         )
         if sparse and self.node_versions.get(node) != self.mask_version:

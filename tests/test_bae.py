@@ -138,3 +138,24 @@ def test_the_proximal_steps_penalty_only_model_shrinks_monotonically_by_one_over
 
     prox = [penalty_only_ratio(k, 0.05, 0.05, 0.9, 3.0, 0.0, 1e-3, proximal=True) for k in range(1, 13)]
     assert prox == pytest.approx([1.3**-k for k in range(1, 13)])  # momentum never sees the penalty
+
+
+def test_the_l1_penalty_is_the_sum_of_absolute_marks_with_sign_gradients():
+    w = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    marks = {"a": torch.tensor([True, True, False])}
+    penalty = extrusion_penalty({"a": w}, marks, "l1")
+    assert penalty.item() == 3.0
+    penalty.backward()
+    assert w.grad.tolist() == [1.0, -1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown BaE penalty 'l0'"):
+        extrusion_penalty({"a": w}, marks, "l0")
+
+
+def test_the_l1_proximal_step_soft_thresholds_the_marks_by_lambda_mu_and_zeroes_the_small_ones():
+    w = torch.tensor([0.5, -0.5, 0.01, -0.02, 0.3])
+    marks = {"l": torch.tensor([True, True, True, True, False])}
+    extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty="l1")  # threshold 0.05
+    assert w.tolist() == pytest.approx([0.45, -0.45, 0.0, 0.0, 0.3])
+    assert w[2].item() == 0.0 and w[3].item() == 0.0  # exactly zero, never past it
+    with pytest.raises(ValueError, match="unknown BaE penalty"):
+        extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty="l0")

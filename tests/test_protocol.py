@@ -14,6 +14,7 @@ BASE = Instructions(
     s_ta=0.9,
     sap_linear=False,
     sap_format="fp16",
+    wire_format="fp16",
     gamma=1.7,
     mode="masked",
     mask_version=2,
@@ -30,6 +31,7 @@ BASE = Instructions(
     bae=True,
     bae_lambda=1e-3,
     bae_step="loss",
+    bae_penalty="l1",
     topk=True,
     grad_batches=2,
     topk_pass="exact",
@@ -55,6 +57,8 @@ def test_round_trip_through_the_wire():
         ("server-round", True),
         ("sap-format", "fp8"),
         ("sap-format", 16),
+        ("wire-format", "int8"),
+        ("bae-penalty", "l0"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(key, value):

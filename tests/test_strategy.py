@@ -17,6 +17,7 @@ from common.nn.models import build_model
 from common.protocol.config import describe_device, parse_run_config, resolve_device
 from common.protocol.wire import decode_positions, from_array_record, to_array_record
 from common.pruning.adjustment import sum_topk_gradients
+from common.pruning.bae import mark_low
 from common.pruning.schedules import feddip_sparsity
 from server.server_app import GlobalEvaluator, round_evaluation
 from server.strategy import Contribution, FleetError, SparseStrategy, data_weights, make_strategy
@@ -125,6 +126,25 @@ def test_with_the_proximal_step_every_client_halves_its_marks(fmnist):
     for reply in grid.send_and_receive(messages):
         metrics = reply.content["metrics"]
         assert 0 < metrics["bae-norm-end"] <= 0.5 * metrics["bae-norm-start"], metrics
+
+
+def test_with_the_l1_proximal_step_marks_near_zero_end_at_zero_where_the_squared_penalty_lets_them_grow(fmnist):
+    """The late adjustment rounds' case: the marks already lie below one step's move of the task
+    gradient. Scaled to 1e-4 before the round, under the squared penalty (its pull vanishes with the
+    weight) every client sends them larger than it got them; under L1's soft threshold every client
+    sends them at least halved, most of them exactly zero."""
+    ratios = {}
+    for penalty, lam in (("l2", 3.0), ("l1", 0.1)):
+        strategy, grid, _ = federation(fmnist, **{"bae-lambda": lam, "bae-step": "proximal", "bae-penalty": penalty})
+        ins = strategy.instructions(2)
+        marks = mark_low(strategy.global_state(), strategy.masks, dict(zip(strategy.masks, ins.counts, strict=True)))
+        for name, mark in marks.items():
+            strategy.state[name][mark] = 1e-4 * torch.sign(strategy.state[name][mark])
+        messages = strategy.configure_train(2, strategy.global_arrays(), ConfigRecord(), grid)
+        metrics = [reply.content["metrics"] for reply in grid.send_and_receive(messages)]
+        ratios[penalty] = [m["bae-norm-end"] / m["bae-norm-start"] for m in metrics]
+    assert all(r > 1.0 for r in ratios["l2"]), ratios
+    assert all(r <= 0.5 for r in ratios["l1"]), ratios
 
 
 def test_bae_marks_active_weights_and_squeezes_them(fmnist):
@@ -391,6 +411,19 @@ def test_every_method_runs_and_keeps_its_sparsity(fmnist, method):
         assert active_counts(strategy.masks) == counts
         assert final["bytes_per_client"] < 0.2 * final["dense_bytes_per_client"]
     assert final["accuracy"] is not None
+
+
+def test_with_fp16_on_the_wire_every_round_is_accepted_and_the_bytes_fall_below_a_tenth_of_dense(fmnist):
+    """``wire-format = "fp16"`` both ways, an adjustment round (top-K, mask) included: no reply is
+    refused, and a client-round's bytes fall from above 0.10x of dense FedAvg's at fp32 to below it."""
+    per_format = {}
+    for fmt in ("fp32", "fp16"):
+        strategy, grid, records = federation(fmnist, **{"wire-format": fmt})
+        play(strategy, grid, 2)  # delta-r 2: round 2 adjusts
+        assert all(not r.get("rejected") for r in records[1:]) and records[2].get("accuracy_before_adjustment")
+        per_format[fmt] = [r["bytes_per_client"] / r["dense_bytes_per_client"] for r in records[1:]]
+    assert all(r > 0.10 for r in per_format["fp32"]), per_format
+    assert all(r < 0.10 for r in per_format["fp16"]), per_format
 
 
 def test_clients_evaluate_the_global_model_on_their_validation_split(fmnist):

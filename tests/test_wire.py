@@ -52,6 +52,40 @@ def test_values_round_trip_exactly_through_an_array_record(lenet):
         assert torch.equal(back[name], state[name].float()), name
 
 
+def test_fp16_wire_halves_the_values_and_rounds_each_to_nearest(lenet):
+    """``wire-format = "fp16"``: the values travel as float16, each within half a unit in the last
+    place (relative error <= 2^-11 in the normal range); the dense tensors stay float32, exact."""
+    _, layout, masks, state = lenet
+    exact = pack_values(state, layout, masks)
+    half = pack_values(state, layout, masks, "fp16")
+    assert half["values"].dtype == np.float16 and half["values"].nbytes * 2 == exact["values"].nbytes
+    assert np.array_equal(half["dense"], exact["dense"])
+    back = unpack_values(from_array_record(to_array_record(half)), layout, masks, "fp16")
+    for name, _ in layout.masked:
+        assert back[name].dtype == torch.float32
+        assert torch.equal(back[name], state[name].half().float()), name  # round to nearest, zeros kept
+        err = (back[name] - state[name]).abs()
+        assert (err <= state[name].abs() * 2**-11 + 2**-25).all(), name
+    for name, _ in layout.dense:
+        assert torch.equal(back[name], state[name].float()), name
+
+
+def test_values_in_another_wire_format_than_agreed_are_refused(lenet):
+    _, layout, masks, state = lenet
+    with pytest.raises(WireError, match="1-D float32 vector .wire-format 'fp32'., got 1-D float16"):
+        unpack_values(pack_values(state, layout, masks, "fp16"), layout, masks)
+    with pytest.raises(WireError, match="1-D float16 vector"):
+        unpack_values(pack_values(state, layout, masks), layout, masks, "fp16")
+
+
+def test_a_weight_beyond_fp16s_range_is_refused_at_the_sender_with_the_fix(lenet):
+    _, layout, masks, state = lenet
+    name = layout.masked[0][0]
+    big = {**state, name: state[name] + 1e5 * masks[name]}
+    with pytest.raises(WireError, match="exceeds the range of wire-format 'fp16'; run with wire-format = \"fp32\""):
+        pack_values(big, layout, masks, "fp16")
+
+
 def test_dense_values_round_trip(lenet):
     _, layout, _, state = lenet
     back = unpack_values(pack_values(state, layout, None), layout, None)

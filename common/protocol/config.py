@@ -21,6 +21,7 @@ from common.methods import METHODS, Method
 from common.nn.models import DEFAULT_WIDTH, MODELS, NORMS, WIDTH_MODELS
 from common.nn.nsconv import RELU_GAMMA
 from common.nn.sapcache import DEFAULT_SAP_FORMAT, SAP_FORMATS
+from common.pruning.bae import PENALTIES as BAE_PENALTIES
 
 DATASETS = ("fashion-mnist", "cifar10", "cinic10", "tiny-imagenet")
 PARTITIONERS = ("dirichlet", "iid")
@@ -33,6 +34,9 @@ TOPK_PASSES = ("exact", "sap")
 BAE_STEPS = ("loss", "proximal")
 # Where the tensors live: every process resolves `auto` on its own hardware (resolve_device).
 DEVICES = ("auto", "cpu", "cuda")
+# The precision of the weight values on the wire, both ways (common.protocol.wire.pack_values): the
+# numpy dtype each format travels as. fp16 halves the bytes; a weight beyond its ±65504 is refused.
+WIRE_FORMATS = {"fp32": "float32", "fp16": "float16"}
 
 
 class ConfigError(ValueError):
@@ -78,6 +82,7 @@ class RunConfig:
     sap: str = "auto"
     sap_linear: bool = False
     sap_format: str = DEFAULT_SAP_FORMAT
+    wire_format: str = "fp32"
     bae: str = "auto"
     gamma: float = RELU_GAMMA
     delta_r: int = 2
@@ -85,6 +90,7 @@ class RunConfig:
     adjust_alpha: float = 0.2
     bae_lambda: float = 1.0
     bae_step: str = "loss"
+    bae_penalty: str = "l2"
     grad_batches: int = 4
     topk_pass: str = "exact"
     max_update_ratio: float = 10.0
@@ -186,8 +192,10 @@ def _range_errors(c: RunConfig) -> list[str]:
     choice("norm", c.norm, ("auto", *NORMS))
     choice("sap", c.sap, SWITCH)
     choice("sap-format", c.sap_format, SAP_FORMATS)
+    choice("wire-format", c.wire_format, tuple(WIRE_FORMATS))
     choice("bae", c.bae, SWITCH)
     choice("bae-step", c.bae_step, BAE_STEPS)
+    choice("bae-penalty", c.bae_penalty, BAE_PENALTIES)
     for key in ("s-tm", "s-ta", "feddip-s0", "val-fraction"):
         value = getattr(c, key.replace("-", "_"))
         need(0.0 <= value < 1.0, f"{key} = {value}: must be in [0, 1)")

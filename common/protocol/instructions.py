@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from common.methods import MODES
 from common.nn.sapcache import SAP_FORMATS
-from common.protocol.config import BAE_STEPS, TOPK_PASSES, RunConfig, typed_value
+from common.protocol.config import BAE_PENALTIES, BAE_STEPS, TOPK_PASSES, WIRE_FORMATS, RunConfig, typed_value
 from common.pruning.schedules import round_learning_rate
 
 
@@ -39,6 +39,7 @@ class Instructions:
     s_ta: float  # < 0: SAP off
     sap_linear: bool
     sap_format: str  # how SAP stores its cached values (common.nn.sapcache)
+    wire_format: str  # the precision of the weight values in the reply (common.protocol.wire)
     gamma: float
     mode: str
     mask_version: int
@@ -55,6 +56,7 @@ class Instructions:
     bae: bool
     bae_lambda: float
     bae_step: str
+    bae_penalty: str
     topk: bool
     grad_batches: int
     topk_pass: str
@@ -97,8 +99,12 @@ class Instructions:
             raise ProtocolError(f"unknown top-K pass {ins.topk_pass!r}; expected one of {TOPK_PASSES}")
         if ins.sap_format not in SAP_FORMATS:
             raise ProtocolError(f"unknown SAP cache format {ins.sap_format!r}; expected one of {SAP_FORMATS}")
+        if ins.wire_format not in WIRE_FORMATS:
+            raise ProtocolError(f"unknown wire format {ins.wire_format!r}; expected one of {tuple(WIRE_FORMATS)}")
         if ins.bae_step not in BAE_STEPS:
             raise ProtocolError(f"unknown BaE step {ins.bae_step!r}; expected one of {BAE_STEPS}")
+        if ins.bae_penalty not in BAE_PENALTIES:
+            raise ProtocolError(f"unknown BaE penalty {ins.bae_penalty!r}; expected one of {BAE_PENALTIES}")
         if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
             raise ProtocolError("batch-size and local-epochs must be >= 1 and lr > 0")
         return ins
@@ -116,6 +122,7 @@ def round_instructions(cfg: RunConfig, server_round: int, mode: str, mask_versio
         s_ta=cfg.s_ta if cfg.sap_on else -1.0,
         sap_linear=cfg.sap_linear,
         sap_format=cfg.sap_format,
+        wire_format=cfg.wire_format,
         gamma=cfg.gamma,
         mode=mode,
         mask_version=mask_version,
@@ -132,6 +139,7 @@ def round_instructions(cfg: RunConfig, server_round: int, mode: str, mask_versio
         bae=False,
         bae_lambda=cfg.bae_lambda,
         bae_step=cfg.bae_step,
+        bae_penalty=cfg.bae_penalty,
         topk=False,
         grad_batches=cfg.grad_batches,
         topk_pass=cfg.topk_pass,

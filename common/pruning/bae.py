@@ -5,6 +5,13 @@ trains on ``L + lambda ||theta_low||_2^2`` (eq. 2) so their information moves in
 weights, and uses the learning rate ``mu_t = max(eta_t, beta_t)`` (eq. 4) so the extrusion still
 happens when the decayed schedule is small.
 
+The paper's text calls the same term "L_1 regularization of low-magnitude parameters" (§3.2) while
+its eq. 2 squares an L2 norm; both are here (``bae-penalty``). They differ where it matters late in
+training: the squared norm's pull, ``2 lambda theta``, vanishes with the weight, so marks already near
+zero follow the task gradient's noise and grow; the L1 pull, ``lambda sign(theta)``, does not, and its
+proximal step (a soft threshold) sets every mark that one step moved by less than ``lambda mu`` to
+exactly zero.
+
 theta_low is a subset of the ACTIVE weights. The public FedMef port ranked |w| over the whole
 tensor, where the smallest entries are the pruned zeros, so its penalty and its learning-rate
 boost were both identically 0.
@@ -37,39 +44,58 @@ def mark_low(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts:
     return marks
 
 
-def extrusion_penalty(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]) -> Tensor:
-    """``||theta_low||_2^2`` summed over layers, differentiable in ``weights``; the loss of eq. 2
-    is ``loss + lambda * extrusion_penalty(...)``."""
-    terms = [
-        layer_tensor(weights, name, mark, "weights").masked_select(mark).square().sum() for name, mark in marks.items()
-    ]
+#: ``bae-penalty``: eq. 2's ``||theta_low||_2^2`` or the text's ``||theta_low||_1``
+PENALTIES = ("l2", "l1")
+
+
+def extrusion_penalty(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor], penalty: str = "l2") -> Tensor:
+    """``||theta_low||_2^2`` (``l2``, eq. 2) or ``||theta_low||_1`` (``l1``) summed over layers,
+    differentiable in ``weights``; the surrogate loss is ``loss + lambda * extrusion_penalty(...)``."""
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown BaE penalty {penalty!r}; expected one of {PENALTIES}")
+    terms = []
+    for name, mark in marks.items():
+        low = layer_tensor(weights, name, mark, "weights").masked_select(mark)
+        terms.append(low.square().sum() if penalty == "l2" else low.abs().sum())
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def extrusion_prox_(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor], lam: float, lr: float) -> None:
-    """One proximal step of the penalty, in place: ``theta_low <- theta_low / (1 + 2 lambda mu)``.
+def extrusion_prox_(
+    weights: Mapping[str, Tensor], marks: Mapping[str, Tensor], lam: float, lr: float, penalty: str = "l2"
+) -> None:
+    """One proximal step of the penalty, in place, at step size ``mu`` = ``lr``:
 
-    The minimiser of ``lambda ||theta||^2 + ||theta - theta'||^2 / (2 mu)``, so applied after each
-    optimizer step it descends eq. 2's objective at the rate ``mu`` of eq. 4, with the penalty kept out
-    of the optimizer's momentum. Inside the loss, under SGD with momentum m and an optimizer that
-    starts empty every round, the marks follow a heavy ball: once ``2 lambda mu`` exceeds
-    ``(1 - sqrt(m))^2`` they swing through zero and shrink by at most ``sqrt(m)`` per step, so what a
-    client sends depends on where its last step falls in the swing (``python -m bench.bae_squeeze``).
-    The proximal step shrinks them by the same factor at every step, never past zero."""
+    - ``l2``: ``theta_low <- theta_low / (1 + 2 lambda mu)``, the minimiser of
+      ``lambda ||theta||^2 + ||theta - theta'||^2 / (2 mu)``;
+    - ``l1``: ``theta_low <- sign(theta_low) max(|theta_low| - lambda mu, 0)``, the soft threshold, the
+      minimiser of ``lambda ||theta||_1 + ||theta - theta'||^2 / (2 mu)``.
+
+    Applied after each optimizer step it descends the surrogate objective at the rate ``mu`` of eq. 4,
+    with the penalty kept out of the optimizer's momentum. Inside the loss, under SGD with momentum m
+    and an optimizer that starts empty every round, the marks follow a heavy ball: once ``2 lambda mu``
+    exceeds ``(1 - sqrt(m))^2`` they swing through zero and shrink by at most ``sqrt(m)`` per step, so
+    what a client sends depends on where its last step falls in the swing (``python -m
+    bench.bae_squeeze``). The proximal step moves them toward zero at every step, never past it."""
     if lam < 0 or lr < 0:
         raise ValueError(f"lambda and the learning rate must be >= 0, got {lam} and {lr}")
-    factor = 1.0 / (1.0 + 2.0 * lam * lr)
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown BaE penalty {penalty!r}; expected one of {PENALTIES}")
     with torch.no_grad():
         for name, mark in marks.items():
             w = layer_tensor(weights, name, mark, "weights")
-            w.masked_scatter_(mark, w.masked_select(mark) * factor)
+            low = w.masked_select(mark)
+            if penalty == "l2":
+                low = low / (1.0 + 2.0 * lam * lr)
+            else:
+                low = low.sign() * (low.abs() - lam * lr).clamp_min(0.0)
+            w.masked_scatter_(mark, low)
 
 
 def marked_norm(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]) -> float:
     """``||theta_low||``: the plain L2 norm over all marked weights together (sigma's argument in
     eq. 3)."""
     with torch.no_grad():
-        return math.sqrt(float(extrusion_penalty(weights, marks)))
+        return math.sqrt(float(extrusion_penalty(weights, marks, "l2")))
 
 
 def budget_lr(eta_t: float, eta0: float, step: int, total_steps: int, low_norm: float) -> float:
