@@ -95,7 +95,8 @@ def pack_values(
     packed = _cat_f32(values).numpy()
     if wire_format != "fp32":
         exact = packed
-        packed = exact.astype(WIRE_FORMATS[wire_format])
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with what to do
+            packed = exact.astype(WIRE_FORMATS[wire_format])
         if not np.isfinite(packed).all() and np.isfinite(exact).all():
             # a silent inf would be refused by the receiver as a corrupt message, blaming the wrong end
             raise WireError(
