@@ -294,7 +294,8 @@ def summarize_protocol(name: str) -> dict[str, Any]:
         files = [read_results(p / "results.json") for _, p in seeds]
         summaries = [summarize(f) for f in files]
         curves[run] = files
-        squeeze = [max(bae_squeeze(f), default=math.nan) for f in files]  # the round that squeezed least
+        squeezes = [bae_squeeze(f) for f in files]
+        squeeze = [max(q, default=math.nan) for q in squeezes]  # the round that squeezed least
         table[run] = {
             "seeds": [s for s, _ in seeds],
             "final_accuracy": _stats(_finite(s["final_accuracy"] for s in summaries)),
@@ -303,6 +304,9 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
             "adjustment_drop": _stats([statistics.fmean(d) for f in files if (d := adjustment_drops(f))]),
             "bae_worst_squeeze": _stats(_finite(squeeze)),
+            # issue 10's check: the aggregate's marks at most halved, counted per run over its BaE rounds
+            "bae_rounds_halved": _stats([float(sum(r <= 0.5 for r in q)) for q in squeezes if q]),
+            "bae_rounds": max((len(q) for q in squeezes), default=0),
             "bytes_ratio_vs_dense": _stats(_finite(s["bytes_ratio_vs_dense"] for s in summaries)),
             "activation_mib": _stats(_finite((s["activation_bytes_mean"] or math.nan) / 2**20 for s in summaries)),
             "peak_rss_mb": _stats(_finite(s["peak_rss_mb_max"] for s in summaries)),
@@ -336,21 +340,27 @@ def _range(stats: Mapping[str, Any], scale: float = 100.0) -> str:
     return "n/a" if not stats.get("n") else f"{stats['min'] * scale:.2f}–{stats['max'] * scale:.2f}"
 
 
+def _halved(run: Mapping[str, Any]) -> str:
+    """ "mean ± std of N": adjustment rounds per seed whose aggregate kept at most half of ‖θ_low‖."""
+    stats = run.get("bae_rounds_halved", {})
+    return "n/a" if not stats.get("n") else f"{_cell(stats, 1, 1)} of {run['bae_rounds']}"
+
+
 def markdown_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"{summary['title']} (`{summary['preset']}`, {summary['supernodes']} SuperNodes). Accuracy in %: "
         f"final = mean of the last {summary['final_means_last_rounds']} rounds, mean ± std over seeds.",
         "",
         "| run | seeds | final acc | min–max | last acc | validation acc | accuracy drop at adjustment (points) "
-        "| worst BaE ‖θ_low‖ end/start | bytes vs dense | activations MiB | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| worst BaE ‖θ_low‖ end/start | BaE rounds halving ‖θ_low‖ | bytes vs dense | activations MiB | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, r in summary["runs"].items():
         lines.append(
             f"| {run} | {len(r['seeds'])} | {_cell(r['final_accuracy'], 100)} | {_range(r['final_accuracy'])} "
             f"| {_cell(r['last_accuracy'], 100)} | {_cell(r['val_accuracy'], 100)} "
             f"| {_cell(r['adjustment_drop'], 100)} "
-            f"| {_cell(r['bae_worst_squeeze'])} | {_cell(r['bytes_ratio_vs_dense'], 1, 3)} "
+            f"| {_cell(r['bae_worst_squeeze'])} | {_halved(r)} | {_cell(r['bytes_ratio_vs_dense'], 1, 3)} "
             f"| {_cell(r['activation_mib'])} | {_cell(r['peak_rss_mb'], 1, 0)} |"
         )
     return "\n".join(lines) + "\n"

@@ -81,6 +81,9 @@ def test_the_summary_comes_from_the_run_files(lab):
     assert a["last_accuracy"]["mean"] == pytest.approx(statistics.fmean([0.60, 0.80, 0.44]))
     assert a["adjustment_drop"]["mean"] == pytest.approx(0.03)
     assert a["bae_worst_squeeze"]["max"] == pytest.approx(0.6)
+    # seeds 0 and 1 squeeze to 0.4 and 0.5 (halved: both rounds), seed 2 to 0.6 (neither)
+    assert a["bae_rounds"] == 2 and a["bae_rounds_halved"]["mean"] == pytest.approx(4 / 3)
+    assert "| 1.3 ± 1.2 of 2 |" in (root / "toy" / "summary.md").read_text()
     assert (root / "toy" / "summary.png").stat().st_size > 0
     assert "| a | 3 |" in (root / "toy" / "summary.md").read_text()
 
