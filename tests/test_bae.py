@@ -159,3 +159,30 @@ def test_the_l1_proximal_step_soft_thresholds_the_marks_by_lambda_mu_and_zeroes_
     assert w[2].item() == 0.0 and w[3].item() == 0.0  # exactly zero, never past it
     with pytest.raises(ValueError, match="unknown BaE penalty"):
         extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty="l0")
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l1"])
+def test_bae_squeeze_predicts_the_squared_penalty_only_and_reads_l1_runs_without_a_prediction(penalty, tmp_path):
+    """``python -m bench.bae_squeeze`` on a run file: the penalty-only model (one scalar for every mark)
+    holds for the squared penalty only; an L1 run's rows carry the measured ratios and no prediction."""
+    import json
+
+    from bench.bae_squeeze import main, squeeze_rows
+
+    config = {"lr": 0.05, "lr-decay": 0.99, "momentum": 0.9, "bae-lambda": 0.1, "weight-decay": 0.0}
+    config |= {"bae-step": "proximal", "bae-penalty": penalty}
+    clients = [{"bae_marked": 7, "bae_norm_start": 1.0, "bae_norm_end": r, "steps": k} for r, k in ((0.4, 5), (0.9, 3))]
+    results = {
+        "run": {"config": config},
+        "rounds": [{"round": 3, "bae_norm_start": 1.0, "bae_norm_end": 0.5, "clients": clients}],
+        "summary": {},
+    }
+    (row,) = squeeze_rows(results)
+    assert row["aggregate_ratio"] == 0.5 and row["clients_halving"] == 1 and row["marked"] == 7
+    predictions = [c["penalty_only"] for c in row["clients_by_steps"]]
+    assert all(p is None for p in predictions) if penalty == "l1" else all(0 < p < 1 for p in predictions)
+    run = tmp_path / "run-s0"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(results))
+    main([str(run), "-o", str(tmp_path / "squeeze.json")])  # prints its table either way
+    assert json.loads((tmp_path / "squeeze.json").read_text())["run-s0"]["rounds"][0]["aggregate_ratio"] == 0.5
