@@ -1,6 +1,6 @@
 """Why BaE's squeeze of θ_low varies from client to client: the extrusion penalty under SGD momentum.
 
-    python -m bench.bae_squeeze bench/results/cifar10/fedmef-s0 [more run folders]
+    python -m bench.bae_squeeze bench/results/cifar10/fedmef-l2-s0 [more run folders]
 
 Reads finished runs only (their ``results.json``) and, per adjustment round, sets what each client's
 extrusion did (‖θ_low‖ after over before its local steps) beside what the penalty alone would do to
