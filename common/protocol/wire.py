@@ -4,7 +4,7 @@ Only sparse content goes over the wire (issue 3, FedMef App. 7.1):
 
 - weights as one vector of the active values in mask order, layer after layer (float32, or float16
   under ``wire-format = "fp16"``), plus one float32 vector of the small dense tensors (biases, gains,
-  norm parameters and running statistics: under 7 % of the values' bytes at s_tm 0.9, and running
+  norm parameters and running statistics: 7 % of the values' bytes for ResNet18 at s_tm 0.9, and running
   variances are the tensors least fit for half precision);
 - masks only when they changed, each layer as a bitmap, packed positions or Rice-coded gaps,
   whichever is smallest;
