@@ -354,7 +354,7 @@ def _range(stats: Mapping[str, Any], scale: float = 100.0) -> str:
 
 
 def _halved(run: Mapping[str, Any]) -> str:
-    """ "mean ± std of N": adjustment rounds per seed whose aggregate kept at most half of ‖θ_low‖."""
+    """Adjustment rounds per seed whose aggregate kept at most half of ‖θ_low‖, as "mean ± std of N"."""
     stats = run.get("bae_rounds_halved", {})
     return "n/a" if not stats.get("n") else f"{_cell(stats, 1, 1)} of {run['bae_rounds']}"
 
