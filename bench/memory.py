@@ -208,7 +208,7 @@ def run_child(model_name: str, c: Config, param_sparsity: float, batch: int, ste
     cmd = [sys.executable, "-m", "bench.memory", "--child", json.dumps(child)]
     env = (
         runtime.training_env()
-        if allocator == "thp"
+        if allocator == "training"
         else {k: v for k, v in os.environ.items() if k not in runtime.TRAINING_ENV}
     )
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -382,7 +382,7 @@ def main() -> None:
                         f"[bench.memory] {model_name} {c.label} s_tm={s} ({rep + 1}) ...", file=sys.stderr, flush=True
                     )
                     child = (model_name, c, s, args.batch, args.steps)
-                    r = run_child(*child, "thp")
+                    r = run_child(*child, "training")
                     glibc = None if args.no_glibc else run_child(*child, "glibc")
                     key = f"{c.label}@{s}"
                     if rep == 0:

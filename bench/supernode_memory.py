@@ -38,6 +38,7 @@ from typing import Any
 import psutil
 
 from bench.compare import ABLATIONS
+from common.measure import runtime
 from server.simulation import ROOT, flower_env, free_port, stop_flower_processes, toml_overrides
 
 RESULTS = ROOT / "bench" / "results"
@@ -280,12 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     title = (
         f"One flower-supernode's ClientApp processes (Flower's subprocess isolation, a process per message) on "
         f"CIFAR-10, batch 64, {a.steps} local steps, s_tm = s_ta = 0.9, ResNet18 at width 64; peak = largest VmHWM "
-        f"of the round's process (`python -m bench.supernode_memory {' '.join(argv or sys.argv[1:])}`)."
+        f"of the round's process (`python -m bench.supernode_memory {' '.join(argv or sys.argv[1:])}`); "
+        f"training processes started with {runtime.TRAINING_ENV}."
     )
     text = table(rows, title)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "supernode_memory.json").write_text(
-        json.dumps({"title": title, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1)
+        json.dumps(
+            {"title": title, "date": time.strftime("%Y-%m-%d"), "training_env": runtime.TRAINING_ENV, "rows": rows},
+            indent=1,
+        )
     )
     (a.out / "supernode_memory.md").write_text(text)
     print(text)

@@ -43,7 +43,7 @@ def test_flwr_run_fedmef_in_simulation(tmp_path):
     assert [line.split(":")[0] for line in progress] == [f"[fedmef] round {r}/4" for r in (1, 2, 3, 4)], progress
     assert all("test acc" in line and "ETA" in line for line in progress)
     run = data["run"]
-    assert run["nodes_at_start"] == 4 and run["app"]["fab_hash"] and run["flwr"] and run["allocator"] == "thp"
+    assert run["nodes_at_start"] == 4 and run["app"]["fab_hash"] and run["flwr"] and run["allocator"] == "thp+mmap"
     assert run["commit"] == source_commit() and run["commit"] is not None  # the tests run in a git checkout
     rounds = data["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]

@@ -135,6 +135,39 @@ def test_effective_weight_ignores_pruned_raw_values():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _swap(
+    theta: torch.Tensor, mask: torch.Tensor, drop: int, grow: int, value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filter 0 with active entry ``drop`` pruned and pruned entry ``grow`` grown; both set to ``value``
+    first, as if extruded to it and grown at it."""
+    theta, mask = theta.clone(), mask.clone()
+    theta[0, drop] = theta[0, grow] = value
+    mask[0, drop], mask[0, grow] = False, True
+    return theta, mask
+
+
+def test_a_weight_at_zero_is_not_neutral_under_nsconv():
+    """Why BaE's squeeze to 0 does not make pruning free here (README, post-prune drop): an active
+    weight at 0 is standardised to -γ·μ/σ/sqrt(n), not 0, so pruning it and growing an entry at 0
+    elsewhere moves that value to another input instead of changing nothing."""
+    theta = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.7]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    before = standardize_filters(theta, mask, eps=0.0)
+    assert before[0, 0] < -0.5  # mean 1.5 of the active entries
+    after = standardize_filters(*_swap(theta, mask, drop=0, grow=4, value=0.0), eps=0.0)
+    assert after[0, 4] == before[0, 0] and after[0, 0] == 0.0 and not torch.equal(after, before)
+
+
+def test_a_weight_at_its_filters_mean_is_neutral_under_nsconv():
+    """The neutral value of an NSConv filter is the mean of its other active weights: an entry there
+    standardises to 0, and pruning it while growing one at that mean leaves the filter as it was."""
+    theta = torch.tensor([[2.0, 1.0, 2.0, 3.0, 0.7]])  # entry 0 at the mean of entries 1-3
+    mask = torch.tensor([[True, True, True, True, False]])
+    before = standardize_filters(theta, mask, eps=0.0)
+    assert before[0, 0] == 0.0
+    torch.testing.assert_close(standardize_filters(*_swap(theta, mask, drop=0, grow=4, value=2.0), eps=0.0), before)
+
+
 def test_standardize_known_answer():
     theta = torch.tensor([[1.0, 2.0, 3.0, 40.0]])
     mask = torch.tensor([[True, True, True, False]])

@@ -130,7 +130,7 @@ def test_a_simulation_on_a_two_node_ray_cluster_runs_clients_on_both_nodes(two_n
     # a node whose clients fail (no repository, no data) costs the rounds its clients, not the run
     assert [len(r["clients"]) for r in rounds] == [2, 2], [r["rejected"] for r in rounds]
     # the clients have their node's environment (the driver's does not reach them on a cluster)
-    assert {c["device"]["allocator"] for c in rounds[0]["clients"]} == {"thp"}
+    assert {c["device"]["allocator"] for c in rounds[0]["clients"]} == {"thp+mmap"}
 
     seen = subprocess.run(
         [sys.executable, "-c", QUERY, two_node_cluster], capture_output=True, text=True, timeout=120, check=True

@@ -25,18 +25,58 @@ for _ in range(5):  # what a forward pass does: fill fresh activation-sized tens
 print(faults() - before)
 """
 
+_RETAINED = """
+import os, torch
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+torch.ones(1)
+first = torch.empty(16 * 2**20 // 4).fill_(1.0)
+del first  # freeing a mapped 16 MiB block raises glibc's default threshold past it
+before = rss_mib()
+held = [torch.empty(4 * 2**20 // 4).fill_(1.0) for _ in range(24)]  # a forward's activations
+del held[:-1]  # backward frees all but the newest
+print(rss_mib() - before)
+"""
+
 
 def test_training_env_adds_the_settings_and_keeps_the_rest():
     env = runtime.training_env({"PATH": "/bin", "THP_MEM_ALLOC_ENABLE": "0"})
     assert env == {"PATH": "/bin", **runtime.TRAINING_ENV}
 
 
+def test_training_env_keeps_a_users_own_glibc_tunables_after_its_own():
+    env = runtime.training_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == runtime.TRAINING_ENV["GLIBC_TUNABLES"] + ":glibc.malloc.arena_max=2"
+    assert runtime.training_env(runtime.TRAINING_ENV) == runtime.TRAINING_ENV
+
+
 def test_allocator_reports_the_process_setting(monkeypatch):
-    for key, value in runtime.TRAINING_ENV.items():
+    for key, value in runtime.training_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}).items():
         monkeypatch.setenv(key, value)
+    assert runtime.allocator() == "thp+mmap"
+    monkeypatch.delenv("GLIBC_TUNABLES")
     assert runtime.allocator() == "thp"
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     assert runtime.allocator() == "glibc"
+
+
+def _plain_env() -> dict[str, str]:
+    env = runtime.training_env()
+    for key in runtime.TRAINING_ENV:
+        del env[key]
+    return env
+
+
+def test_training_env_gives_freed_tensors_back_to_the_kernel():
+    """23 of 24 freed 4 MiB tensors (92 MiB): glibc's default keeps them in its heap under the one
+    still live; with the fixed mmap threshold each had its own mapping, unmapped on free."""
+
+    def retained(env: dict[str, str]) -> float:
+        done = subprocess.run([sys.executable, "-c", _RETAINED], env=env, capture_output=True, text=True, check=True)
+        return float(done.stdout.split()[-1])
+
+    assert retained(_plain_env()) > 80
+    assert retained(runtime.training_env()) < 16
 
 
 def _faults(env: dict[str, str]) -> int:
@@ -50,9 +90,6 @@ def _faults(env: dict[str, str]) -> int:
 def test_huge_page_allocation_takes_far_fewer_page_faults():
     """Five 16 MiB tensors: 4096 faults each with 4 KiB pages, a handful with 2 MiB pages (more
     where the kernel finds no free huge page and falls back to small ones: 2628 in one run here)."""
-    plain = runtime.training_env()
-    for key in runtime.TRAINING_ENV:
-        del plain[key]
-    default, huge = _faults(plain), _faults(runtime.training_env())
+    default, huge = _faults(_plain_env()), _faults(runtime.training_env())
     assert default >= 5 * 4000, default
     assert huge * 4 < default, (huge, default)
