@@ -157,9 +157,15 @@ class Deployment:
     def run(self, overrides: dict[str, Any], timeout: float) -> subprocess.CompletedProcess:
         cmd = [Path(sys.executable).parent / "flwr", "run", ROOT, "bench", "--stream"]
         cmd += ["--run-config", toml_overrides(overrides)]
-        return subprocess.run(
-            cmd, env=flower_env(self.homes["operator"]), cwd=ROOT, capture_output=True, text=True, timeout=timeout
-        )
+        try:
+            return subprocess.run(
+                cmd, env=flower_env(self.homes["operator"]), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(
+                f"{overrides['run-name']}: flwr run took over {timeout:.0f} s; on a loaded machine give it more "
+                f"with --timeout (an adjustment round's top-K pass alone took 292 s here without load)"
+            ) from exc
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -264,12 +270,20 @@ def main(argv: list[str] | None = None) -> None:
         cfg = run_config(overrides=toml_overrides({k: base[k] for k in ("dataset", "data-dir")}))
         partition = prepare(work / "parts", 10, cfg, prefix="node", max_examples=a.examples)[0]
         dep = Deployment(work / "deployment", partition)
-        rows = []
+        rows: list[dict[str, Any]] = []
+        title = (
+            f"One flower-supernode's ClientApp processes (Flower's subprocess isolation, a process per message) on "
+            f"CIFAR-10, batch 64, {a.steps} local steps, s_tm = s_ta = 0.9, ResNet18 at width 64; peak = largest "
+            f"VmHWM of the round's process (`python -m bench.supernode_memory {' '.join(argv or sys.argv[1:])}`); "
+            f"training processes started with {runtime.TRAINING_ENV}."
+        )
         try:
             for model in a.models:
                 for method in a.methods:
                     print(f"[supernode_memory] {model}, {method}: {len(ROUNDS)} rounds ...", flush=True)
                     rows.append(measure(dep, model, method, base, a.timeout))
+                    # a later run's failure keeps the finished ones, beside the last complete table
+                    write(rows, title, a.out, "supernode_memory.partial")
                     peak = rows[-1]["peak_mib"]
                     print(
                         f"[supernode_memory] {model}, {method}: ClientApp peak (MiB) "
@@ -278,22 +292,17 @@ def main(argv: list[str] | None = None) -> None:
                     )
         finally:
             dep.close()
-    title = (
-        f"One flower-supernode's ClientApp processes (Flower's subprocess isolation, a process per message) on "
-        f"CIFAR-10, batch 64, {a.steps} local steps, s_tm = s_ta = 0.9, ResNet18 at width 64; peak = largest VmHWM "
-        f"of the round's process (`python -m bench.supernode_memory {' '.join(argv or sys.argv[1:])}`); "
-        f"training processes started with {runtime.TRAINING_ENV}."
-    )
-    text = table(rows, title)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "supernode_memory.json").write_text(
-        json.dumps(
-            {"title": title, "date": time.strftime("%Y-%m-%d"), "training_env": runtime.TRAINING_ENV, "rows": rows},
-            indent=1,
-        )
-    )
-    (a.out / "supernode_memory.md").write_text(text)
-    print(text)
+    write(rows, title, a.out, "supernode_memory")
+    for suffix in (".json", ".md"):
+        (a.out / f"supernode_memory.partial{suffix}").unlink(missing_ok=True)
+    print(table(rows, title))
+
+
+def write(rows: list[dict[str, Any]], title: str, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"title": title, "date": time.strftime("%Y-%m-%d"), "training_env": runtime.TRAINING_ENV, "rows": rows}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{stem}.md").write_text(table(rows, title))
 
 
 if __name__ == "__main__":

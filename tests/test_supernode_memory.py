@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from bench.supernode_memory import ClientAppSampler, table
+import pytest
+
+from bench.supernode_memory import ClientAppSampler, Deployment, table, write
+from common.measure import runtime
 
 ALLOCATE = "import time; block = bytearray({mib} * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(0.3)"
 
@@ -44,3 +49,25 @@ def test_the_table_compares_normal_rounds_with_fedtinys_on_the_same_model():
     fedmef = next(line for line in text.splitlines() if line.startswith("| resnet18 | fedmef |"))
     assert "| 900 | 910 | 840 | -40% |" in fedmef
     assert "| 19.9 |" in fedmef
+
+
+def test_a_run_past_its_timeout_is_a_clear_error_that_names_the_option(tmp_path: Path):
+    dep = Deployment.__new__(Deployment)  # the operator's side only: no SuperLink is needed to time out
+    dep.homes = {"operator": tmp_path}
+    with pytest.raises(RuntimeError, match=r"resnet18-fedmef: flwr run took over 0 s.*--timeout"):
+        dep.run({"run-name": "resnet18-fedmef"}, timeout=0.001)
+
+
+def test_results_record_the_training_environment(tmp_path: Path):
+    row = {
+        "model": "resnet18",
+        "method": "fedtiny",
+        "peak_mib": {"first": 1, "adjustment": 2, "normal": 3},
+        "activation_mib": [1.0],
+        "topk_activation_mib": [0.0],
+        "train_s": [1.0],
+    }
+    write([row], "t", tmp_path, "partial")
+    record = json.loads((tmp_path / "partial.json").read_text())
+    assert record["training_env"] == runtime.TRAINING_ENV and record["rows"] == [row]
+    assert (tmp_path / "partial.md").read_text().startswith("t\n")
