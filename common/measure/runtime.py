@@ -15,9 +15,9 @@ gives back memory at its top. The threshold starts at 128 KiB, but every mapped 
 to that block's size, up to 32 MiB. After the first activation-sized free, every tensor below 32 MiB
 comes from the heap, and one live tensor near the top pins all the freed ones beneath it. Fixing
 the threshold (``glibc.malloc.mmap_threshold``) keeps large tensors on their own mappings.
-Measured on one ClientApp train handler (``bench.supernode_memory``'s round: ResNet18 at width 64,
-batch 64, 5 steps, s_tm 0.9; VmHWM): FedMef 960 -> 685 MiB, FedTiny 1389 -> 873 MiB. Each mapping is
-faulted in afresh, in huge pages, so the step pays for zeroing its new tensors.
+Measured on a SuperNode's ClientApp (``python -m bench.supernode_memory``, ResNet18 at width 64,
+batch 64, normal rounds, VmHWM): FedMef 970 -> 693 MiB, FedTiny 1362 -> 877 MiB. Each mapping is
+faulted in afresh, in huge pages, so the step pays for zeroing its new tensors (README, "Freed memory").
 """
 
 from __future__ import annotations
