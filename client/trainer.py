@@ -97,15 +97,13 @@ def effective_weight_gradients(
 
     A pruned position's gradient is what growing it would start from (RigL, FedTiny). The mask
     multiplies it away in ∂L/∂θ, so the layers run once with ŵ itself as a dense leaf: same forward,
-    gradient everywhere. Only this pass holds a dense weight gradient (one per layer, plus its sum).
+    gradient everywhere. Only this pass holds a dense weight gradient (one per layer, summed in place).
     ``micro_batch`` splits each batch into chunks whose gradients add up to the batch's (exact for
     models without BatchNorm, whose output for one example does not depend on the others).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _Masked)}
     device = model_device(model)
     leaves = {f"{name}.weight": m.effective_weight().detach().requires_grad_() for name, m in layers.items()}
-    overrides = {**leaves, **{f"{name}.mask": torch.ones_like(m.mask) for name, m in layers.items()}}
-    sums = {key: torch.zeros_like(leaf) for key, leaf in leaves.items()}
     for m in layers.values():
         # An instance attribute shadows the class's weight function (deleted again below); mypy forbids
         # assigning to a method, and setattr with a constant name would trip ruff's B010.
@@ -118,18 +116,21 @@ def effective_weight_gradients(
                 images.split(micro_batch or len(images)), labels.split(micro_batch or len(labels)), strict=True
             ):
                 with SavedTensorMeter(model, leaves.values()) as meter:
-                    logits = functional_call(model, overrides, (chunk,))
+                    logits = functional_call(model, leaves, (chunk,))
                 held = max(held, meter.held.activation_bytes)
                 loss = F.cross_entropy(logits, chunk_labels, reduction="sum") / len(labels)
-                for key, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
-                    sums[key] += grad
+                # Accumulated in place into each leaf's .grad: autograd.grad would return a fresh dense
+                # gradient per chunk beside the running sum, one more copy of the weights at the peak.
+                loss.backward(inputs=list(leaves.values()))
             seen += 1
             if seen >= max_batches:
                 break
     finally:
         for m in layers.values():
             del m.weight_fn
-    return {key: total / max(seen, 1) for key, total in sums.items()}, held
+    # A layer the loss never reached (or an empty split) has gradient 0.
+    grads = {key: torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for key, leaf in leaves.items()}
+    return {key: total.div_(max(seen, 1)) for key, total in grads.items()}, held
 
 
 def gradient_pass(
@@ -248,6 +249,11 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
             hook.remove()
     topk, pass_bytes, micro = None, 0, 0
     if ins.topk and ins.adjusting:
+        # Training is over: its last gradients and the momentum buffers (two copies of the weights) go
+        # before the pass allocates its own dense leaves and gradients, so that an adjustment round
+        # peaks no higher than a normal one.
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
         grads, pass_bytes, micro = gradient_pass(model, data, ins, generator, activation_bytes)
         topk = topk_pruned_gradients(grads, masks, counts)
     return LocalResult(
