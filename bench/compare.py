@@ -266,6 +266,18 @@ def adjustment_drops(results: Mapping[str, Any]) -> list[float]:
     )
 
 
+LATE_ROUNDS = 10
+
+
+def late_gain(results: Mapping[str, Any], window: int = LATE_ROUNDS) -> float:
+    """Mean test accuracy of the last ``window`` rounds minus that of the ``window`` before them: near 0
+    when the curve has flattened by the end; NaN for a run shorter than two windows."""
+    accuracies = _finite(r.get("accuracy") for r in results.get("rounds", []))
+    if len(accuracies) < 2 * window:
+        return math.nan
+    return statistics.fmean(accuracies[-window:]) - statistics.fmean(accuracies[-2 * window : -window])
+
+
 def validation_accuracy(results: Mapping[str, Any]) -> float | None:
     """The clients' validation accuracy in the last round that has one (``fraction-evaluate`` > 0)."""
     evals = [r["client_eval"]["eval-acc"] for r in results.get("rounds", []) if r.get("client_eval")]
@@ -313,6 +325,10 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             "seeds": [s for s, _ in seeds],
             "final_accuracy": _stats(_finite(s["final_accuracy"] for s in summaries)),
             "last_accuracy": _stats(_finite(s["last_accuracy"] for s in summaries)),
+            # A steadier reading than the headline's 5 rounds, and whether the curve had flattened: a run's
+            # test accuracy swings by 2-6 points from round to round here (10 skewed clients per round).
+            "final10_accuracy": _stats(_finite(summarize(f, last=LATE_ROUNDS)["final_accuracy"] for f in files)),
+            "late_gain": _stats(_finite(late_gain(f) for f in files)),
             "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
             "adjustment_drop": _stats([statistics.fmean(d) for f in files if (d := adjustment_drops(f))]),
@@ -362,15 +378,19 @@ def _halved(run: Mapping[str, Any]) -> str:
 def markdown_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"{summary['title']} (`{summary['preset']}`, {summary['supernodes']} SuperNodes). Accuracy in %: "
-        f"final = mean of the last {summary['final_means_last_rounds']} rounds, mean ± std over seeds.",
+        f"final = mean of the last {summary['final_means_last_rounds']} rounds, mean ± std over seeds; "
+        f"last-{LATE_ROUNDS} = mean of the last {LATE_ROUNDS} rounds, late gain = that minus the mean of the "
+        f"{LATE_ROUNDS} rounds before (points; near 0 once the curve has flattened).",
         "",
-        "| run | seeds | final acc | min–max | last acc | validation acc | accuracy drop at adjustment (points) "
+        f"| run | seeds | final acc | min–max | last-{LATE_ROUNDS} acc | late gain | last acc | validation acc "
+        "| accuracy drop at adjustment (points) "
         "| worst BaE ‖θ_low‖ end/start | BaE rounds halving ‖θ_low‖ | bytes vs dense | activations MiB | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, r in summary["runs"].items():
         lines.append(
             f"| {run} | {len(r['seeds'])} | {_cell(r['final_accuracy'], 100)} | {_range(r['final_accuracy'])} "
+            f"| {_cell(r.get('final10_accuracy', {}), 100)} | {_cell(r.get('late_gain', {}), 100)} "
             f"| {_cell(r['last_accuracy'], 100)} | {_cell(r['val_accuracy'], 100)} "
             f"| {_cell(r['adjustment_drop'], 100)} "
             f"| {_cell(r['bae_worst_squeeze'])} | {_halved(r)} | {_cell(r['bytes_ratio_vs_dense'], 1, 3)} "

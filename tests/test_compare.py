@@ -88,6 +88,20 @@ def test_the_summary_comes_from_the_run_files(lab):
     assert "| a | 3 |" in (root / "toy" / "summary.md").read_text()
 
 
+def test_the_late_gain_is_the_last_ten_rounds_over_the_ten_before_and_needs_twenty(lab):
+    root, _ = lab
+    climbing = [0.1] * 5 + [0.3] * 10 + [0.5] * 10  # 25 rounds: rounds 6-15 at 0.3, 16-25 at 0.5
+    _write_run(root / "toy" / "a-s0", climbing)
+    _write_run(root / "toy" / "b-s0", [0.3] * 19)  # too short to tell
+    assert compare.late_gain(compare.read_results(root / "toy" / "a-s0" / "results.json")) == pytest.approx(0.2)
+    summary = compare.summarize_protocol("toy")["runs"]
+    assert summary["a"]["final10_accuracy"]["mean"] == pytest.approx(0.5)
+    assert summary["a"]["late_gain"]["mean"] == pytest.approx(0.2)
+    assert summary["b"]["late_gain"]["n"] == 0 and summary["b"]["final10_accuracy"]["mean"] == pytest.approx(0.3)
+    table = (root / "toy" / "summary.md").read_text()
+    assert "| 50.00 ± 0.00 | 20.00 ± 0.00 |" in table and "| 30.00 ± 0.00 | n/a |" in table
+
+
 def test_a_run_whose_name_starts_another_runs_name_keeps_its_own_seeds(lab, monkeypatch):
     root, _ = lab
     monkeypatch.setitem(
