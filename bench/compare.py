@@ -87,6 +87,11 @@ PROTOCOLS: dict[str, Protocol] = {
             "fedmef-no-sap-l2": {"strategy": "fedmef", "sap": "off", **SQUARED_BAE},
             # the squared penalty as a proximal step: the extrusion without momentum's swing
             "fedmef-prox": {"strategy": "fedmef", **SQUARED_BAE, "bae-step": "proximal"},
+            # magnitude measured from each NSConv filter's mean, where pruning and growing change nothing
+            # (common.pruning.masks.filter_centres), with and without BaE: whether the post-prune drop
+            # then falls with BaE. BaE's lambda is the protocol's, not selected again.
+            "fedmef-centred": {"strategy": "fedmef", "prune-centre": "filter-mean"},
+            "fedmef-no-bae-centred": {"strategy": "fedmef", "bae": "off", "prune-centre": "filter-mean"},
         },
     ),
     # The same matrix run twice as long: at 60 rounds every curve still climbed 1-3 points from rounds

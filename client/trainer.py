@@ -33,7 +33,14 @@ from common.nn.training import TrainStats, batches, model_device, train_step
 from common.protocol.instructions import Instructions
 from common.pruning.adjustment import prune_and_grow
 from common.pruning.bae import budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
-from common.pruning.masks import Masks, keep_pruned_at_zero, load_masks, prunable_weights
+from common.pruning.masks import (
+    Masks,
+    deviations,
+    filter_centres,
+    keep_pruned_at_zero,
+    load_masks,
+    prunable_weights,
+)
 from common.pruning.topk import topk_pruned_gradients
 
 
@@ -214,13 +221,19 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     forward = _error_feedback_forward(model, masks) if ins.mode == "error-feedback" else None
     counts = dict(zip(masks, ins.counts, strict=False))
 
+    # Where BaE measures and pulls the marks from, recomputed as training moves the filters' means.
+    def centres() -> dict[str, torch.Tensor] | None:
+        return filter_centres(weights, masks) if ins.prune_centre == "filter-mean" else None
+
     penalties: list[Callable[[], torch.Tensor]] = []
     marks: Masks = {}
     if ins.bae and ins.adjusting:
-        marks = mark_low({n: w.detach() for n, w in weights.items()}, masks, counts)
+        marks = mark_low(deviations({n: w.detach() for n, w in weights.items()}, centres()), masks, counts)
         if ins.bae_step == "loss":
-            penalties.append(lambda: ins.bae_lambda * extrusion_penalty(weights, marks, ins.bae_penalty))
-    norm_start = marked_norm(weights, marks) if marks else 0.0
+            penalties.append(
+                lambda: ins.bae_lambda * extrusion_penalty(deviations(weights, centres()), marks, ins.bae_penalty)
+            )
+    norm_start = marked_norm(deviations(weights, centres()), marks) if marks else 0.0
     if ins.reg_lambda > 0:  # FedDIP: un-squared per-layer L2 norm
         penalties.append(lambda: ins.reg_lambda * sum(w.norm() for w in weights.values()))
     # penalties is not empty where penalty is built, so the sum is a tensor, never sum()'s start value 0
@@ -238,12 +251,12 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
             if ins.adjust_local and ins.adjusting and stats.steps == total // 2:
                 _adjust_locally(model, masks, counts, data, ins, generator, activation_bytes)
             if marks:
-                lr = budget_lr(ins.lr, ins.eta0, stats.steps, total, marked_norm(weights, marks))
+                lr = budget_lr(ins.lr, ins.eta0, stats.steps, total, marked_norm(deviations(weights, centres()), marks))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             train_step(model, optimizer, images, labels, stats, forward=forward, penalty=penalty)
             if marks and ins.bae_step == "proximal":
-                extrusion_prox_(weights, marks, ins.bae_lambda, lr, ins.bae_penalty)
+                extrusion_prox_(weights, marks, ins.bae_lambda, lr, ins.bae_penalty, centres())
     finally:
         for hook in hooks:
             hook.remove()
@@ -266,7 +279,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
         topk,
         sum(int(m.sum()) for m in marks.values()),
         norm_start,
-        marked_norm(weights, marks) if marks else 0.0,
+        marked_norm(deviations(weights, centres()), marks) if marks else 0.0,
         pass_bytes,
         micro,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any, ClassVar, cast
@@ -60,7 +60,16 @@ from common.pruning.adjustment import (
     sum_topk_gradients,
 )
 from common.pruning.bae import mark_low, marked_norm
-from common.pruning.masks import Distribution, Masks, layer_sparsity, magnitude_masks, random_masks, sparsity
+from common.pruning.masks import (
+    Distribution,
+    Masks,
+    deviations,
+    filter_centres,
+    layer_sparsity,
+    magnitude_masks,
+    random_masks,
+    sparsity,
+)
 from common.pruning.schedules import (
     adjust_counts,
     adjust_fraction,
@@ -297,11 +306,11 @@ class SparseStrategy(Strategy):
                 log(WARNING, "round %d: no usable reply; the global model stays as it was", server_round)
             return None, None
         marks = self._bae_marks(ins)
-        low_start = marked_norm(self.state, marks) if marks else None
+        low_start = marked_norm(self._from_centre(), marks) if marks else None
         self.aggregate(accepted)
         if marks:
             # the squeeze that matters is the aggregate's: the server prunes the averaged weights
-            state.bae_norm = (cast(float, low_start), marked_norm(self.state, marks))
+            state.bae_norm = (cast(float, low_start), marked_norm(self._from_centre(), marks))
         if ins.adjusting and self.evaluator is not None and METHODS[self.method].adjustment == "server-topk":
             # the aggregated model under the old mask; the round's own evaluation is the one after
             _, state.accuracy_before_adjustment = self.evaluator(self.global_state(), self.masks)
@@ -642,7 +651,16 @@ class SparseStrategy(Strategy):
         if not (ins.bae and ins.adjusting):
             return {}
         counts = dict(zip(self.masks, ins.counts, strict=True))
-        return mark_low({name: self.state[name] for name in self.masks}, self.masks, counts)
+        return mark_low(self._from_centre(), self.masks, counts)
+
+    def _from_centre(self) -> dict[str, torch.Tensor]:
+        """The masked weights as ``prune-centre`` measures their magnitude: the weights themselves, or
+        their distance from their filter's mean (:func:`~common.pruning.masks.filter_centres`)."""
+        weights = {name: self.state[name] for name in self.masks}
+        return deviations(weights, self._centres(weights))
+
+    def _centres(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        return filter_centres(weights, self.masks) if self.cfg.prune_centre == "filter-mean" else None
 
     def sender(self, reply: Message) -> int:
         """The node a reply answers for. An error reply that Flower makes itself for a node that
@@ -687,7 +705,7 @@ class FedMef(SparseStrategy, method="fedmef"):
         scores = sum_topk_gradients(weighted, self.layout.masked_shapes)
         counts = dict(zip(self.masks, ins.counts, strict=True))
         weights = {name: self.state[name] for name in self.masks}
-        self.masks, new_weights = prune_and_grow(weights, self.masks, scores, counts)
+        self.masks, new_weights = prune_and_grow(weights, self.masks, scores, counts, self._centres(weights))
         self.state.update(new_weights)
         log(
             INFO,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.nn.nsconv import standardize_filters
 from common.pruning.adjustment import (
     global_magnitude_masks,
     magnitude_masks_within,
@@ -14,7 +15,8 @@ from common.pruning.adjustment import (
     prune_and_grow,
     sum_topk_gradients,
 )
-from common.pruning.masks import _keep_count
+from common.pruning.bae import mark_low
+from common.pruning.masks import _keep_count, deviations, filter_centres
 from common.pruning.topk import topk_pruned_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -206,3 +208,56 @@ def test_global_magnitude_rejects_bad_arguments():
         global_magnitude_masks({"a": torch.ones(3)}, 1.5)
     with pytest.raises(ValueError, match="at least one"):
         global_magnitude_masks({}, 0.5)
+
+
+# ----------------------------------------------------------------------------- prune-centre = filter-mean
+
+
+def test_filter_centres_are_the_means_of_each_filters_active_weights_for_convolutions_only():
+    conv = torch.arange(16.0).view(2, 2, 2, 2)
+    mask = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    mask[0, 0, 0, :] = True  # filter 0: entries 0 and 1, mean 0.5; filter 1: none, centre 0
+    centres = filter_centres(
+        {"conv": conv, "fc": torch.ones(3, 4)}, {"conv": mask, "fc": torch.ones(3, 4, dtype=torch.bool)}
+    )
+    assert set(centres) == {"conv"} and centres["conv"].shape == (2, 1, 1, 1)
+    assert centres["conv"].flatten().tolist() == [0.5, 0.0]
+    moved = deviations({"conv": conv, "fc": torch.ones(3, 4)}, centres)
+    assert torch.equal(moved["conv"][0], conv[0] - 0.5) and torch.equal(moved["fc"], torch.ones(3, 4))
+    assert deviations({"fc": conv}, None)["fc"] is conv
+
+
+def test_centred_prune_and_grow_ranks_by_distance_from_the_centre_and_grows_at_it():
+    w = torch.tensor([1.0, 1.1, 3.0, 0.05, 0.0, 0.0]).view(1, 1, 1, 6)
+    mask = (w != 0).clone()
+    scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0, 1.0]).view(1, 1, 1, 6)
+    centres = filter_centres({"c": w}, {"c": mask})  # mean of 1.0, 1.1, 3.0, 0.05 = 1.2875
+    masks, weights = prune_and_grow({"c": w}, {"c": mask}, {"c": scores}, {"c": 1}, centres)
+    # by |w|, 0.05 would go; by |w - 1.2875|, 1.1 (0.19 away) does
+    assert masks["c"].flatten().tolist() == [True, False, True, True, True, False]
+    assert weights["c"].flatten().tolist() == pytest.approx([1.0, 0.0, 3.0, 0.05, 1.2875, 0.0])
+    plain_masks, plain = prune_and_grow({"c": w}, {"c": mask}, {"c": scores}, {"c": 1})
+    assert plain_masks["c"].flatten().tolist() == [True, True, True, False, True, False] and plain["c"][0, 0, 0, 4] == 0
+
+
+def test_pruning_marks_at_their_filters_mean_and_growing_at_it_leaves_an_nsconv_layer_unchanged():
+    """The property the centre is for. BaE's centred pull takes the marks to their filter's mean, which
+    they leave where it is once they sit at the mean of the filter's unmarked weights. From there a
+    centred prune/grow changes no standardised weight, however many entries each filter loses or
+    gains; the paper's prune/grow at 0 does (tests/test_nsconv.py)."""
+    torch.manual_seed(3)
+    mask = torch.rand(4, 3, 3, 3) < 0.5
+    w = torch.randn(4, 3, 3, 3) * mask
+    counts = {"c": 9}
+    marks = mark_low(deviations({"c": w}, filter_centres({"c": w}, {"c": mask})), {"c": mask}, counts)["c"]
+    unmarked_means = filter_centres({"c": w}, {"c": mask & ~marks})["c"]
+    squeezed = torch.where(marks, unmarked_means.expand_as(w), w)
+    torch.testing.assert_close(filter_centres({"c": squeezed}, {"c": mask})["c"], unmarked_means)
+    scores = torch.rand(4, 3, 3, 3)
+    before = standardize_filters(squeezed, mask, eps=0.0)
+    centres = filter_centres({"c": squeezed}, {"c": mask})
+    new_masks, new = prune_and_grow({"c": squeezed}, {"c": mask}, {"c": scores}, counts, centres)
+    assert not torch.equal(new_masks["c"], mask)
+    torch.testing.assert_close(standardize_filters(new["c"], new_masks["c"], eps=0.0), before)
+    zero_masks, at_zero = prune_and_grow({"c": squeezed}, {"c": mask}, {"c": scores}, counts)
+    assert not torch.allclose(standardize_filters(at_zero["c"], zero_masks["c"], eps=0.0), before, atol=1e-3)

@@ -162,6 +162,19 @@ def test_the_l1_proximal_step_soft_thresholds_the_marks_by_lambda_mu_and_zeroes_
 
 
 @pytest.mark.parametrize("penalty", ["l2", "l1"])
+def test_with_centres_the_proximal_step_shrinks_the_marks_towards_their_filters_centre(penalty):
+    w = torch.tensor([[1.5, 0.5, 2.0, 9.0]])
+    marks = {"l": torch.tensor([[True, True, False, False]])}
+    centres = {"l": torch.tensor([[1.0]])}
+    extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty=penalty, centres=centres)
+    shrunk = [1.5 - 0.05, 0.5 + 0.05] if penalty == "l1" else [1.0 + 0.5 / 1.1, 1.0 - 0.5 / 1.1]
+    assert w.tolist() == [pytest.approx(shrunk + [2.0, 9.0])]
+    for _ in range(200):
+        extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty=penalty, centres=centres)
+    assert w[0, :2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)  # at the centre, not at 0
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l1"])
 def test_bae_squeeze_predicts_the_squared_penalty_only_and_reads_l1_runs_without_a_prediction(penalty, tmp_path):
     """``python -m bench.bae_squeeze`` on a run file: the penalty-only model (one scalar for every mark)
     holds for the squared penalty only; an L1 run's rows carry the measured ratios and no prediction."""

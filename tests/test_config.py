@@ -60,6 +60,8 @@ def test_every_problem_is_reported_at_once_with_a_hint():
         {"batch-size": True},
         {"adjust-alpha": 0.6},
         {"bae-step": "momentum"},
+        {"prune-centre": "median"},
+        {"prune-centre": "filter-mean", "strategy": "fedtiny"},  # BatchNorm: no filter standardisation
     ],
 )
 def test_inconsistent_settings_are_refused(bad):

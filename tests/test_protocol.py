@@ -32,6 +32,7 @@ BASE = Instructions(
     bae_lambda=1e-3,
     bae_step="loss",
     bae_penalty="l1",
+    prune_centre="filter-mean",
     topk=True,
     grad_batches=2,
     topk_pass="exact",

@@ -16,8 +16,9 @@ from common.methods import METHODS
 from common.nn.models import build_model
 from common.protocol.config import describe_device, parse_run_config, resolve_device
 from common.protocol.wire import decode_positions, from_array_record, to_array_record
-from common.pruning.adjustment import sum_topk_gradients
+from common.pruning.adjustment import prune_and_grow, sum_topk_gradients
 from common.pruning.bae import mark_low
+from common.pruning.masks import filter_centres
 from common.pruning.schedules import feddip_sparsity
 from server.server_app import GlobalEvaluator, round_evaluation
 from server.strategy import Contribution, FleetError, SparseStrategy, data_weights, make_strategy
@@ -145,6 +146,36 @@ def test_with_the_l1_proximal_step_marks_near_zero_end_at_zero_where_the_squared
         ratios[penalty] = [m["bae-norm-end"] / m["bae-norm-start"] for m in metrics]
     assert all(r > 1.0 for r in ratios["l2"]), ratios
     assert all(r <= 0.5 for r in ratios["l1"]), ratios
+
+
+def test_with_filter_mean_centres_the_marks_close_on_them_and_convolutions_grow_at_them(fmnist, monkeypatch):
+    strategy, grid, records = federation(
+        fmnist, **{"prune-centre": "filter-mean", "bae-penalty": "l1", "bae-step": "proximal", "bae-lambda": 0.3}
+    )
+    seen = {}
+
+    def spy(weights, masks, scores, counts, centres=None):
+        seen.update(weights={n: w.clone() for n, w in weights.items()}, masks=dict(masks), centres=centres)
+        return prune_and_grow(weights, masks, scores, counts, centres)
+
+    monkeypatch.setattr(server.strategy, "prune_and_grow", spy)
+    play(strategy, grid, 1)
+    train_round(strategy, grid, 2)
+    record = strategy.round_record()
+    assert 0 < record["bae_norm_end"] <= 0.5 * record["bae_norm_start"], record
+    # the centres are the aggregate's filter means under the mask it was trained with
+    centres = filter_centres(seen["weights"], seen["masks"])
+    assert set(seen["centres"]) == set(centres) and all(torch.equal(seen["centres"][n], centres[n]) for n in centres)
+    state, grown_in = strategy.global_state(), {"conv": 0, "linear": 0}
+    for name, old in seen["masks"].items():
+        grown = strategy.masks[name] & ~old
+        if state[name].dim() == 4:
+            grown_in["conv"] += int(grown.sum())
+            assert torch.equal(state[name][grown], centres[name].expand_as(state[name])[grown])
+        else:
+            grown_in["linear"] += int(grown.sum())
+            assert bool((state[name][grown] == 0).all())  # no standardisation moves a linear layer's zero
+    assert grown_in["conv"] > 0 and grown_in["linear"] > 0
 
 
 def test_bae_marks_active_weights_and_squeezes_them(fmnist):

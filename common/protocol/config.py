@@ -22,6 +22,7 @@ from common.nn.models import DEFAULT_WIDTH, MODELS, NORMS, WIDTH_MODELS
 from common.nn.nsconv import RELU_GAMMA
 from common.nn.sapcache import DEFAULT_SAP_FORMAT, SAP_FORMATS
 from common.pruning.bae import PENALTIES as BAE_PENALTIES
+from common.pruning.masks import PRUNE_CENTRES
 
 DATASETS = ("fashion-mnist", "cifar10", "cinic10", "tiny-imagenet")
 PARTITIONERS = ("dirichlet", "iid")
@@ -91,6 +92,7 @@ class RunConfig:
     bae_lambda: float = 1.0
     bae_step: str = "loss"
     bae_penalty: str = "l2"
+    prune_centre: str = "zero"
     grad_batches: int = 4
     topk_pass: str = "exact"
     max_update_ratio: float = 10.0
@@ -196,6 +198,13 @@ def _range_errors(c: RunConfig) -> list[str]:
     choice("bae", c.bae, SWITCH)
     choice("bae-step", c.bae_step, BAE_STEPS)
     choice("bae-penalty", c.bae_penalty, BAE_PENALTIES)
+    choice("prune-centre", c.prune_centre, PRUNE_CENTRES)
+    if c.prune_centre == "filter-mean" and c.strategy in METHODS:
+        need(
+            c.resolved_norm == "nsconv",
+            f"prune-centre = filter-mean: only NSConv standardises filters around their mean, and this run's "
+            f"norm is {c.resolved_norm}; use prune-centre = zero, or norm = nsconv",
+        )
     for key in ("s-tm", "s-ta", "feddip-s0", "val-fraction"):
         value = getattr(c, key.replace("-", "_"))
         need(0.0 <= value < 1.0, f"{key} = {value}: must be in [0, 1)")

@@ -15,6 +15,7 @@ from typing import Any, cast
 from common.methods import MODES
 from common.nn.sapcache import SAP_FORMATS
 from common.protocol.config import BAE_PENALTIES, BAE_STEPS, TOPK_PASSES, WIRE_FORMATS, RunConfig, typed_value
+from common.pruning.masks import PRUNE_CENTRES
 from common.pruning.schedules import round_learning_rate
 
 
@@ -57,6 +58,7 @@ class Instructions:
     bae_lambda: float
     bae_step: str
     bae_penalty: str
+    prune_centre: str  # where BaE marks and pulls from (common.pruning.masks.PRUNE_CENTRES)
     topk: bool
     grad_batches: int
     topk_pass: str
@@ -105,6 +107,8 @@ class Instructions:
             raise ProtocolError(f"unknown BaE step {ins.bae_step!r}; expected one of {BAE_STEPS}")
         if ins.bae_penalty not in BAE_PENALTIES:
             raise ProtocolError(f"unknown BaE penalty {ins.bae_penalty!r}; expected one of {BAE_PENALTIES}")
+        if ins.prune_centre not in PRUNE_CENTRES:
+            raise ProtocolError(f"unknown prune centre {ins.prune_centre!r}; expected one of {PRUNE_CENTRES}")
         if ins.batch_size < 1 or ins.local_epochs < 1 or ins.lr <= 0:
             raise ProtocolError("batch-size and local-epochs must be >= 1 and lr > 0")
         return ins
@@ -140,6 +144,7 @@ def round_instructions(cfg: RunConfig, server_round: int, mode: str, mask_versio
         bae_lambda=cfg.bae_lambda,
         bae_step=cfg.bae_step,
         bae_penalty=cfg.bae_penalty,
+        prune_centre=cfg.prune_centre,
         topk=False,
         grad_batches=cfg.grad_batches,
         topk_pass=cfg.topk_pass,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from common.pruning.bae import mark_low
-from common.pruning.masks import Masks, _check_fraction, _keep_count
+from common.pruning.masks import Masks, _check_fraction, _keep_count, deviations
 from common.pruning.topk import indices_to_mask, layer_tensor, resolve_counts, select_by_magnitude
 
 
@@ -44,6 +44,7 @@ def prune_and_grow(
     masks: Mapping[str, Tensor],
     scores: Mapping[str, Tensor],
     counts: Mapping[str, int],
+    centres: Mapping[str, Tensor] | None = None,
 ) -> tuple[Masks, dict[str, Tensor]]:
     """Per layer of ``masks``: drop the ``counts[l]`` active entries of smallest |w| and grow the
     ``counts[l]`` entries, pruned under the OLD mask, of largest |score| (Alg. 1, lines 30-34).
@@ -53,6 +54,9 @@ def prune_and_grow(
     "grown" (FedDST's official code ranked all weights), so every layer keeps its active count
     exactly and exactly ``2 * counts[l]`` positions change. Returns (new masks, the weights times
     the new masks: grown entries start at exactly 0). Layers absent from ``counts`` are unchanged.
+
+    ``centres`` (:func:`~common.pruning.masks.filter_centres`): in a layer that has one, magnitude is
+    ``|w − c|`` and grown entries start at ``c``, where NSConv makes them contribute nothing.
     """
     plan = resolve_counts(masks, counts)
     for name, k in plan.items():
@@ -65,14 +69,17 @@ def prune_and_grow(
                 f"{mask.numel() - active} pruned entries, and the count may not exceed either"
             )
         layer_tensor(scores, name, mask, "scores")
-    dropped = mark_low(weights, masks, plan)
+    dropped = mark_low(deviations(weights, centres), masks, plan)
     new_masks: Masks = {}
     new_weights: dict[str, Tensor] = {}
     for name, k in plan.items():
         mask = masks[name]
         kept = mask & ~dropped[name]
-        new_masks[name] = kept | indices_to_mask(select_by_magnitude(scores[name], mask, k, in_mask=False), mask)
+        grown = indices_to_mask(select_by_magnitude(scores[name], mask, k, in_mask=False), mask)
+        new_masks[name] = kept | grown
         new_weights[name] = weights[name].detach().masked_fill(~kept, 0.0)
+        if centres is not None and name in centres:
+            new_weights[name] = torch.where(grown, centres[name].to(new_weights[name].dtype), new_weights[name])
     return new_masks, new_weights
 
 

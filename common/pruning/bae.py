@@ -61,7 +61,12 @@ def extrusion_penalty(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]
 
 
 def extrusion_prox_(
-    weights: Mapping[str, Tensor], marks: Mapping[str, Tensor], lam: float, lr: float, penalty: str = "l2"
+    weights: Mapping[str, Tensor],
+    marks: Mapping[str, Tensor],
+    lam: float,
+    lr: float,
+    penalty: str = "l2",
+    centres: Mapping[str, Tensor] | None = None,
 ) -> None:
     """One proximal step of the penalty, in place, at step size ``mu`` = ``lr``:
 
@@ -75,7 +80,10 @@ def extrusion_prox_(
     and an optimizer that starts empty every round, the marks follow a heavy ball: once ``2 lambda mu``
     exceeds ``(1 - sqrt(m))^2`` they swing through zero and shrink by at most ``sqrt(m)`` per step, so
     what a client sends depends on where its last step falls in the swing (``python -m
-    bench.bae_squeeze``). The proximal step moves them toward zero at every step, never past it."""
+    bench.bae_squeeze``). The proximal step moves them toward zero at every step, never past it.
+
+    With ``centres`` (:func:`~common.pruning.masks.filter_centres`) a layer's marks shrink towards its
+    centre instead: ``theta_low - c`` takes the step above."""
     if lam < 0 or lr < 0:
         raise ValueError(f"lambda and the learning rate must be >= 0, got {lam} and {lr}")
     if penalty not in PENALTIES:
@@ -83,12 +91,13 @@ def extrusion_prox_(
     with torch.no_grad():
         for name, mark in marks.items():
             w = layer_tensor(weights, name, mark, "weights")
-            low = w.masked_select(mark)
+            centre = centres[name].expand_as(w).masked_select(mark) if centres and name in centres else None
+            low = w.masked_select(mark) if centre is None else w.masked_select(mark) - centre
             if penalty == "l2":
                 low = low / (1.0 + 2.0 * lam * lr)
             else:
                 low = low.sign() * (low.abs() - lam * lr).clamp_min(0.0)
-            w.masked_scatter_(mark, low)
+            w.masked_scatter_(mark, low if centre is None else low + centre)
 
 
 def marked_norm(weights: Mapping[str, Tensor], marks: Mapping[str, Tensor]) -> float:

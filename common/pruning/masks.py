@@ -174,6 +174,39 @@ def keep_pruned_at_zero(optimizer: torch.optim.Optimizer, model: nn.Module, mask
     return optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)
 
 
+#: ``prune-centre``: where magnitude is measured from when marking, pruning and growing weights.
+#: ``zero`` is the paper's; ``filter-mean`` is each NSConv filter's mean of its active weights.
+PRUNE_CENTRES = ("zero", "filter-mean")
+
+
+def filter_centres(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per convolution (4-D weight) of ``masks``: μ_i of NSConv's eq. 7 for every output filter i, the
+    mean of its ACTIVE weights, shaped (c_out, 1, 1, 1) to broadcast against the weight (0 for a filter
+    with none). Linear layers get no entry: no standardisation moves their zero.
+
+    NSConv computes with ``(θ − μ_i) / σ_i``, so a weight at μ_i contributes nothing, and adding or
+    removing one there changes neither μ_i nor ``σ_i² · n_i``, hence no other weight's value: pruning
+    and growing at μ_i leave the layer's function exactly as it was. A weight at 0 is not neutral
+    unless μ_i = 0 (tests/test_nsconv.py)."""
+    centres = {}
+    for name, mask in masks.items():
+        weight = weights[name]
+        if weight.dim() != 4:
+            continue
+        m, dims = mask.to(weight.dtype), (1, 2, 3)
+        centres[name] = (weight.detach() * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True).clamp(min=1.0)
+    return centres
+
+
+def deviations(
+    weights: Mapping[str, torch.Tensor], centres: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """``w − c`` per layer, ``w`` itself where ``centres`` has no entry (or is None); differentiable in
+    ``w``, the centres are held fixed."""
+    offsets = centres or {}
+    return {name: w - offsets[name].detach() if name in offsets else w for name, w in weights.items()}
+
+
 def count_active(masks: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     """(active entries, total entries) over all masks."""
     active = sum(int(torch.count_nonzero(m)) for m in masks.values())
