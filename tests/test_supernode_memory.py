@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.supernode_memory import ClientAppSampler, Deployment, table, write
+from bench.supernode_memory import ClientAppSampler, Deployment, serving, table, write
 from common.measure import runtime
 
 ALLOCATE = "import time; block = bytearray({mib} * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(0.3)"
@@ -32,6 +32,11 @@ def test_the_sampler_keeps_the_peak_of_each_clientapp_process_after_it_exits_and
     assert len(peaks) == 2, peaks  # the two ClientApps, oldest first; not the SuperNode-named one
     assert 120 < peaks[0] < 120 + 60, peaks  # the block plus the interpreter
     assert 40 < peaks[1] < 40 + 60, peaks
+
+
+def test_a_clientapp_process_that_never_loaded_the_app_served_no_message():
+    mib = 2**20
+    assert serving([260 * mib, 90 * mib, 700 * mib, 690 * mib]) == [260 * mib, 700 * mib, 690 * mib]
 
 
 def test_the_table_compares_normal_rounds_with_fedtinys_on_the_same_model():
