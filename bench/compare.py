@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from server.checkpoint import NAME as CHECKPOINT
-from server.plots import plot_runs
+from server.plots import plot_runs, plot_seed_values
 from server.results import FINAL_ROUNDS, read_results, summarize, write_json_atomic
 from server.simulation import ROOT, SimulationError, toml_overrides
 
@@ -343,6 +343,11 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             # A steadier reading than the headline's 5 rounds, and whether the curve had flattened: a run's
             # test accuracy swings by 2-6 points from round to round here (10 skewed clients per round).
             "final10_accuracy": _stats(_finite(summarize(f, last=LATE_ROUNDS)["final_accuracy"] for f in files)),
+            "final10_by_seed": {
+                seed: 100 * v
+                for (seed, _), f in zip(seeds, files, strict=True)
+                if (v := summarize(f, last=LATE_ROUNDS)["final_accuracy"]) is not None
+            },
             "late_gain": _stats(_finite(late_gain(f) for f in files)),
             "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
@@ -371,6 +376,12 @@ def summarize_protocol(name: str) -> dict[str, Any]:
     (out / "summary.md").write_text(markdown_summary(summary))
     if curves:
         plot_runs(curves, out / "summary.png", title=protocol.title)
+        plot_seed_values(
+            {run: r["final10_by_seed"] for run, r in table.items()},
+            out / "summary_final.png",
+            title=f"{protocol.title}\ntest accuracy, mean of the last {LATE_ROUNDS} rounds of each seed",
+            ylabel="test accuracy (%)",
+        )
     return summary
 
 

@@ -229,6 +229,55 @@ def plot_runs(runs: Mapping[str, Results | Sequence[Results]], path: Path, title
         title=title or None,
         title_fontproperties={"size": 11, "weight": "bold"},
     )
+    return _save(canvas, path)
+
+
+def plot_seed_values(values: Mapping[str, Mapping[int, float]], path: Path, title: str = "", ylabel: str = "") -> Path:
+    """One bar per run at the mean of its seeds' values (written at its foot), whiskers ±1 std, and each
+    seed's own value as a dot coloured by seed, so that a seed's runs can be compared with each other
+    across bars. Written like :func:`plot_runs`; a run without values gets no bar."""
+    if not values:
+        raise ValueError("no runs to plot")
+    fig = Figure(figsize=(7.5, 4.0), dpi=DPI, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    finite = [v for per_seed in values.values() for v in per_seed.values() if math.isfinite(v)]
+    # The differences are a point or two: the axis is fitted to the values, not started at 0.
+    span = max(max(finite) - min(finite), 1.0) if finite else 1.0
+    low = min(finite) - 0.4 * span if finite else 0.0
+    ax.set_ylim(low, max(finite) + 0.4 * span if finite else 1.0)
+    for j, per_seed in enumerate(values.values()):
+        vals = [v for v in per_seed.values() if math.isfinite(v)]
+        if not vals:
+            continue
+        mean, std = float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        ax.bar(j, mean - low, 0.6, bottom=low, yerr=std, capsize=4, color="0.85", edgecolor="black", linewidth=0.6)
+        ax.text(j, low + 0.04 * span, f"{mean:.1f}", ha="center", va="bottom", fontsize=7)
+    seeds = sorted({seed for per_seed in values.values() for seed in per_seed})
+    for k, seed in enumerate(seeds):
+        offset = (k - (len(seeds) - 1) / 2) * 0.12
+        points = [(j + offset, per_seed[seed]) for j, per_seed in enumerate(values.values()) if seed in per_seed]
+        xs, ys = zip(*points, strict=True)
+        ax.scatter(
+            xs,
+            ys,
+            s=18,
+            zorder=3,
+            color=COLOURS[k % len(COLOURS)],
+            marker=MARKERS[k % len(MARKERS)],
+            label=f"seed {seed}",
+        )
+    ax.set_xticks(range(len(values)), list(values), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", color="0.9")
+    ax.set_title(title, loc="left", fontsize=9)
+    if seeds:
+        ax.legend(fontsize=7, ncols=len(seeds), loc="upper left", title="bar: mean, whiskers: ±1 std", title_fontsize=7)
+    return _save(canvas, path)
+
+
+def _save(canvas: FigureCanvasAgg, path: Path) -> Path:
+    """The canvas as a PNG at ``path``, replaced whole, never half-written."""
     canvas.draw()
     # 256 colours look the same for line art and take a third of the bytes of full RGBA.
     image = Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB").quantize(256)

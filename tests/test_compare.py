@@ -85,6 +85,8 @@ def test_the_summary_comes_from_the_run_files(lab):
     assert a["bae_rounds"] == 2 and a["bae_rounds_halved"]["mean"] == pytest.approx(4 / 3)
     assert "| 1.3 ± 1.2 of 2 |" in (root / "toy" / "summary.md").read_text()
     assert (root / "toy" / "summary.png").stat().st_size > 0
+    assert (root / "toy" / "summary_final.png").stat().st_size > 0
+    assert a["final10_by_seed"] == pytest.approx({seed: 100 * statistics.fmean(v) for seed, v in finals.items()})
     assert "| a | 3 |" in (root / "toy" / "summary.md").read_text()
 
 

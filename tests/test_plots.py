@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from server.plots import _series, _zoom_accuracy, group_runs, main, plot_runs
+from server.plots import _series, _zoom_accuracy, group_runs, main, plot_runs, plot_seed_values
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -131,3 +131,10 @@ def test_the_plot_command_names_a_folder_without_results(tmp_path):
     with pytest.raises(SystemExit, match="plots: .*empty.*results.json"):
         (tmp_path / "empty").mkdir()
         main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.png")])
+
+
+def test_the_seed_figure_draws_runs_with_missing_seeds_and_without_values(tmp_path):
+    values = {"fedmef": {0: 32.7, 1: 32.9, 2: 32.9}, "fedtiny": {0: 34.9, 2: 37.8}, "empty": {}, "nan": {0: math.nan}}
+    _assert_png(plot_seed_values(values, tmp_path / "final.png", title="t", ylabel="%"))
+    with pytest.raises(ValueError, match="no runs"):
+        plot_seed_values({}, tmp_path / "none.png")
