@@ -50,9 +50,10 @@ POLL_S = 0.01
 RECEIVED = re.compile(r"Receiving: (\w+) message")
 
 
-#: A ClientApp process that serves a message imports torch and the app, about 250 MiB here. Beside a busy
-#: runner the SuperNode once started five for four messages; one that exits below this served none.
-APP_FLOOR = 150 * 2**20
+#: A ClientApp process that serves a message imports torch and the app, about 250 MiB here (a query
+#: message's process peaked at 314 MiB). Beside a busy runner the SuperNode started five processes for
+#: four messages, the extra one peaking at 183 MiB; one that stays below this floor served none.
+APP_FLOOR = 250 * 2**20
 
 
 def serving(peaks: list[int]) -> list[int]:
