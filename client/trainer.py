@@ -32,7 +32,7 @@ from common.nn.sap import seed_threshold_sampler
 from common.nn.training import TrainStats, batches, model_device, train_step
 from common.protocol.instructions import Instructions
 from common.pruning.adjustment import prune_and_grow
-from common.pruning.bae import budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
+from common.pruning.bae import Marks, budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
 from common.pruning.masks import (
     Masks,
     deviations,
@@ -226,7 +226,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
         return filter_centres(weights, masks) if ins.prune_centre == "filter-mean" else None
 
     penalties: list[Callable[[], torch.Tensor]] = []
-    marks: Masks = {}
+    marks: Marks = {}
     if ins.bae and ins.adjusting:
         marks = mark_low(deviations({n: w.detach() for n, w in weights.items()}, centres()), masks, counts)
         if ins.bae_step == "loss":
@@ -277,7 +277,7 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
         activation_bytes,
         masks,
         topk,
-        sum(int(m.sum()) for m in marks.values()),
+        sum(m.numel() for m in marks.values()),
         norm_start,
         marked_norm(deviations(weights, centres()), marks) if marks else 0.0,
         pass_bytes,

@@ -59,7 +59,7 @@ from common.pruning.adjustment import (
     prune_and_grow,
     sum_topk_gradients,
 )
-from common.pruning.bae import mark_low, marked_norm
+from common.pruning.bae import Marks, mark_low, marked_norm
 from common.pruning.masks import (
     Distribution,
     Masks,
@@ -645,7 +645,7 @@ class SparseStrategy(Strategy):
             self._mask_bits = (key, encode_masks(self.masks, self.layout))
         return self._mask_bits[1]
 
-    def _bae_marks(self, ins: Instructions) -> Masks:
+    def _bae_marks(self, ins: Instructions) -> Marks:
         """θ_low as every client marks it on receipt (eq. 2: the ξ smallest active weights of the model
         the server sent), or nothing outside a BaE round."""
         if not (ins.bae and ins.adjusting):

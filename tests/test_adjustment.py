@@ -17,7 +17,7 @@ from common.pruning.adjustment import (
 )
 from common.pruning.bae import mark_low
 from common.pruning.masks import _keep_count, deviations, filter_centres
-from common.pruning.topk import topk_pruned_gradients
+from common.pruning.topk import indices_to_mask, topk_pruned_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -250,6 +250,7 @@ def test_pruning_marks_at_their_filters_mean_and_growing_at_it_leaves_an_nsconv_
     w = torch.randn(4, 3, 3, 3) * mask
     counts = {"c": 9}
     marks = mark_low(deviations({"c": w}, filter_centres({"c": w}, {"c": mask})), {"c": mask}, counts)["c"]
+    marks = indices_to_mask(marks, mask)
     unmarked_means = filter_centres({"c": w}, {"c": mask & ~marks})["c"]
     squeezed = torch.where(marks, unmarked_means.expand_as(w), w)
     torch.testing.assert_close(filter_centres({"c": squeezed}, {"c": mask})["c"], unmarked_means)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.pruning.bae import budget_lr, extrusion_penalty, extrusion_prox_, mark_low, marked_norm
+from common.pruning.topk import indices_to_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -18,10 +19,8 @@ def test_marks_are_smallest_active_never_pruned_zeros_and_extrusion_is_live():
     # Pruned entries hold exact zeros, the smallest |w| in the tensor: the port's marks.
     weight = torch.tensor([[0.5, 0.0, -0.2, 3.0], [0.0, 0.3, -4.0, 0.0]])
     marks = mark_low({"w": weight}, {"w": mask}, {"w": 2})
-    expected = torch.zeros(2, 4, dtype=torch.bool)
-    expected[0, 2] = expected[1, 1] = True  # |-0.2| and |0.3|: the two smallest ACTIVE weights
-    assert torch.equal(marks["w"], expected)
-    assert not (marks["w"] & ~mask).any()
+    assert marks["w"].tolist() == [2, 5]  # |-0.2| at [0, 2] and |0.3| at [1, 1]: the two smallest ACTIVE weights
+    assert marks["w"].dtype == torch.int64 and mask.view(-1)[marks["w"]].all()
 
     penalty = extrusion_penalty({"w": weight}, marks)
     assert penalty.item() == pytest.approx(0.2**2 + 0.3**2)
@@ -35,17 +34,17 @@ def test_mark_low_caps_skips_absent_layers_and_breaks_ties_by_index():
     masks = {"a": torch.tensor([False, True, True, False, True]), "b": torch.ones(3, dtype=torch.bool)}
     # Every active |w| ties: the lowest active indices win, whatever the signs.
     weights = {"a": torch.tensor([0.0, -1.0, 1.0, 0.0, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
-    assert mark_low(weights, masks, {"a": 2})["a"].tolist() == [False, True, True, False, False]
+    assert mark_low(weights, masks, {"a": 2})["a"].tolist() == [1, 2]
     capped = mark_low(weights, masks, {"a": 99})
-    assert torch.equal(capped["a"], masks["a"])
-    assert not capped["b"].any() and capped["b"].shape == (3,)
+    assert capped["a"].tolist() == [1, 2, 4]  # every active position
+    assert capped["b"].numel() == 0
 
 
 def test_mark_low_is_exactly_the_k_smallest_active_on_random_layers():
     mask = torch.rand(16, 8, 3, 3) < 0.2
     weight = torch.randn(16, 8, 3, 3) * mask
     k = 37
-    marks = mark_low({"w": weight}, {"w": mask}, {"w": k})["w"]
+    marks = indices_to_mask(mark_low({"w": weight}, {"w": mask}, {"w": k})["w"], mask)
     assert int(marks.sum()) == k and not (marks & ~mask).any()
     assert weight[marks].abs().max() <= weight[mask & ~marks].abs().min()
 
@@ -63,7 +62,7 @@ def test_mark_low_rejects_bad_arguments():
 def test_penalty_is_differentiable_sum_of_squares_over_marks_only():
     w1 = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
     w2 = torch.tensor([[4.0, 5.0]], requires_grad=True)
-    marks = {"a": torch.tensor([True, True, False]), "b": torch.tensor([[False, True]])}
+    marks = {"a": torch.tensor([0, 1]), "b": torch.tensor([1])}
     penalty = extrusion_penalty({"a": w1, "b": w2}, marks)
     assert penalty.item() == 1.0 + 4.0 + 25.0
     penalty.backward()
@@ -74,7 +73,7 @@ def test_penalty_is_differentiable_sum_of_squares_over_marks_only():
 
 def test_marked_norm_is_one_norm_over_all_layers():
     weights = {"a": torch.tensor([3.0, 9.0]), "b": torch.tensor([4.0])}
-    marks = {"a": torch.tensor([True, False]), "b": torch.tensor([True])}
+    marks = {"a": torch.tensor([0]), "b": torch.tensor([0])}
     # sqrt(3^2 + 4^2), not the sum of per-layer norms (7).
     assert marked_norm(weights, marks) == pytest.approx(5.0)
 
@@ -115,10 +114,11 @@ def test_the_proximal_step_shrinks_only_the_marks_by_one_over_one_plus_two_lambd
     w = torch.randn(4, 5)
     mask = torch.rand(4, 5) > 0.3
     marks = mark_low({"l": w}, {"l": mask}, {"l": 3})
+    marked = indices_to_mask(marks["l"], mask)
     before = w.clone()
     extrusion_prox_({"l": w}, marks, lam=2.0, lr=0.25)
-    assert torch.equal(w[~marks["l"]], before[~marks["l"]])
-    assert torch.allclose(w[marks["l"]], before[marks["l"]] / 2.0)  # 1 / (1 + 2 * 2 * 0.25)
+    assert torch.equal(w[~marked], before[~marked])
+    assert torch.allclose(w[marked], before[marked] / 2.0)  # 1 / (1 + 2 * 2 * 0.25)
     with pytest.raises(ValueError, match="must be >= 0"):
         extrusion_prox_({"l": w}, marks, lam=-1.0, lr=0.1)
 
@@ -142,7 +142,7 @@ def test_the_proximal_steps_penalty_only_model_shrinks_monotonically_by_one_over
 
 def test_the_l1_penalty_is_the_sum_of_absolute_marks_with_sign_gradients():
     w = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
-    marks = {"a": torch.tensor([True, True, False])}
+    marks = {"a": torch.tensor([0, 1])}
     penalty = extrusion_penalty({"a": w}, marks, "l1")
     assert penalty.item() == 3.0
     penalty.backward()
@@ -153,7 +153,7 @@ def test_the_l1_penalty_is_the_sum_of_absolute_marks_with_sign_gradients():
 
 def test_the_l1_proximal_step_soft_thresholds_the_marks_by_lambda_mu_and_zeroes_the_small_ones():
     w = torch.tensor([0.5, -0.5, 0.01, -0.02, 0.3])
-    marks = {"l": torch.tensor([True, True, True, True, False])}
+    marks = {"l": torch.tensor([0, 1, 2, 3])}
     extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty="l1")  # threshold 0.05
     assert w.tolist() == pytest.approx([0.45, -0.45, 0.0, 0.0, 0.3])
     assert w[2].item() == 0.0 and w[3].item() == 0.0  # exactly zero, never past it
@@ -164,7 +164,7 @@ def test_the_l1_proximal_step_soft_thresholds_the_marks_by_lambda_mu_and_zeroes_
 @pytest.mark.parametrize("penalty", ["l2", "l1"])
 def test_with_centres_the_proximal_step_shrinks_the_marks_towards_their_filters_centre(penalty):
     w = torch.tensor([[1.5, 0.5, 2.0, 9.0]])
-    marks = {"l": torch.tensor([[True, True, False, False]])}
+    marks = {"l": torch.tensor([0, 1])}
     centres = {"l": torch.tensor([[1.0]])}
     extrusion_prox_({"l": w}, marks, lam=0.2, lr=0.25, penalty=penalty, centres=centres)
     shrunk = [1.5 - 0.05, 0.5 + 0.05] if penalty == "l1" else [1.0 + 0.5 / 1.1, 1.0 - 0.5 / 1.1]

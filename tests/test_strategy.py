@@ -140,7 +140,8 @@ def test_with_the_l1_proximal_step_marks_near_zero_end_at_zero_where_the_squared
         ins = strategy.instructions(2)
         marks = mark_low(strategy.global_state(), strategy.masks, dict(zip(strategy.masks, ins.counts, strict=True)))
         for name, mark in marks.items():
-            strategy.state[name][mark] = 1e-4 * torch.sign(strategy.state[name][mark])
+            flat = strategy.state[name].view(-1)
+            flat[mark] = 1e-4 * torch.sign(flat[mark])
         messages = strategy.configure_train(2, strategy.global_arrays(), ConfigRecord(), grid)
         metrics = [reply.content["metrics"] for reply in grid.send_and_receive(messages)]
         ratios[penalty] = [m["bae-norm-end"] / m["bae-norm-start"] for m in metrics]

@@ -74,7 +74,7 @@ def prune_and_grow(
     new_weights: dict[str, Tensor] = {}
     for name, k in plan.items():
         mask = masks[name]
-        kept = mask & ~dropped[name]
+        kept = mask & ~indices_to_mask(dropped[name], mask)
         grown = indices_to_mask(select_by_magnitude(scores[name], mask, k, in_mask=False), mask)
         new_masks[name] = kept | grown
         new_weights[name] = weights[name].detach().masked_fill(~kept, 0.0)
