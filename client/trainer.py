@@ -209,9 +209,9 @@ def local_train(model: nn.Module, masks: Masks, data: Split, ins: Instructions) 
     seed_threshold_sampler(ins.seed)
     masks = {name: m.clone() for name, m in masks.items()}
     weights = prunable_weights(model)
-    dense_masks = {name: torch.ones_like(m) for name, m in masks.items()}
     # Error feedback computes with w ⊙ m itself, so the layers see an all-ones mask.
-    load_masks(model, masks if ins.mode == "masked" else dense_masks)
+    # Built only where used: an all-ones bool copy of the masks is 10.6 MiB for ResNet18 at width 64.
+    load_masks(model, masks if ins.mode == "masked" else {name: torch.ones_like(m) for name, m in masks.items()})
     if ins.mode == "error-feedback":
         with torch.no_grad():  # the server sent w ⊙ m; dense training starts from it
             for name, w in weights.items():
