@@ -352,6 +352,8 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
             "adjustment_drop": _stats([statistics.fmean(d) for f in files if (d := adjustment_drops(f))]),
+            # drops of both signs cancel in the mean; how far the prunes move accuracy at all
+            "adjustment_change": _stats([statistics.fmean(map(abs, d)) for f in files if (d := adjustment_drops(f))]),
             "bae_worst_squeeze": _stats(_finite(squeeze)),
             # issue 10's check: the aggregate's marks at most halved, counted per run over its BaE rounds
             "bae_rounds_halved": _stats([float(sum(r <= 0.5 for r in q)) for q in squeezes if q]),
@@ -409,16 +411,16 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
         f"{LATE_ROUNDS} rounds before (points; near 0 once the curve has flattened).",
         "",
         f"| run | seeds | final acc | min–max | last-{LATE_ROUNDS} acc | late gain | last acc | validation acc "
-        "| accuracy drop at adjustment (points) "
+        "| accuracy drop at adjustment (points) | its absolute value (points) "
         "| worst BaE ‖θ_low‖ end/start | BaE rounds halving ‖θ_low‖ | bytes vs dense | activations MiB | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, r in summary["runs"].items():
         lines.append(
             f"| {run} | {len(r['seeds'])} | {_cell(r['final_accuracy'], 100)} | {_range(r['final_accuracy'])} "
             f"| {_cell(r.get('final10_accuracy', {}), 100)} | {_cell(r.get('late_gain', {}), 100)} "
             f"| {_cell(r['last_accuracy'], 100)} | {_cell(r['val_accuracy'], 100)} "
-            f"| {_cell(r['adjustment_drop'], 100)} "
+            f"| {_cell(r['adjustment_drop'], 100)} | {_cell(r.get('adjustment_change', {}), 100)} "
             f"| {_cell(r['bae_worst_squeeze'])} | {_halved(r)} | {_cell(r['bytes_ratio_vs_dense'], 1, 3)} "
             f"| {_cell(r['activation_mib'])} | {_cell(r['peak_rss_mb'], 1, 0)} |"
         )

@@ -80,6 +80,7 @@ def test_the_summary_comes_from_the_run_files(lab):
     assert (a["final_accuracy"]["min"], a["final_accuracy"]["max"]) == pytest.approx((min(means), max(means)))
     assert a["last_accuracy"]["mean"] == pytest.approx(statistics.fmean([0.60, 0.80, 0.44]))
     assert a["adjustment_drop"]["mean"] == pytest.approx(0.03)
+    assert a["adjustment_change"]["mean"] == pytest.approx(0.03)  # both drops positive here
     assert a["bae_worst_squeeze"]["max"] == pytest.approx(0.6)
     # seeds 0 and 1 squeeze to 0.4 and 0.5 (halved: both rounds), seed 2 to 0.6 (neither)
     assert a["bae_rounds"] == 2 and a["bae_rounds_halved"]["mean"] == pytest.approx(4 / 3)
@@ -102,6 +103,14 @@ def test_the_late_gain_is_the_last_ten_rounds_over_the_ten_before_and_needs_twen
     assert summary["b"]["late_gain"]["n"] == 0 and summary["b"]["final10_accuracy"]["mean"] == pytest.approx(0.3)
     table = (root / "toy" / "summary.md").read_text()
     assert "| 50.00 ± 0.00 | 20.00 ± 0.00 |" in table and "| 30.00 ± 0.00 | n/a |" in table
+
+
+def test_drops_of_both_signs_cancel_in_the_mean_drop_not_in_its_absolute_value(lab):
+    root, _ = lab
+    _write_run(root / "toy" / "a-s0", [0.5, 0.5], drops=(0.02, -0.02))
+    a = compare.summarize_protocol("toy")["runs"]["a"]
+    assert a["adjustment_drop"]["mean"] == pytest.approx(0.0)
+    assert a["adjustment_change"]["mean"] == pytest.approx(0.02)
 
 
 def test_a_run_whose_name_starts_another_runs_name_keeps_its_own_seeds(lab, monkeypatch):
