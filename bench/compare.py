@@ -335,6 +335,9 @@ def summarize_protocol(name: str) -> dict[str, Any]:
         summaries = [summarize(f) for f in files]
         curves[run] = files
         squeezes = [bae_squeeze(f) for f in files]
+        late = {
+            seed: summarize(f, last=LATE_ROUNDS)["final_accuracy"] for (seed, _), f in zip(seeds, files, strict=True)
+        }
         squeeze = [max(q, default=math.nan) for q in squeezes]  # the round that squeezed least
         table[run] = {
             "seeds": [s for s, _ in seeds],
@@ -342,12 +345,8 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             "last_accuracy": _stats(_finite(s["last_accuracy"] for s in summaries)),
             # A steadier reading than the headline's 5 rounds, and whether the curve had flattened: a run's
             # test accuracy swings by 2-6 points from round to round here (10 skewed clients per round).
-            "final10_accuracy": _stats(_finite(summarize(f, last=LATE_ROUNDS)["final_accuracy"] for f in files)),
-            "final10_by_seed": {
-                seed: 100 * v
-                for (seed, _), f in zip(seeds, files, strict=True)
-                if (v := summarize(f, last=LATE_ROUNDS)["final_accuracy"]) is not None
-            },
+            "final10_accuracy": _stats(_finite(late.values())),
+            "final10_by_seed": {seed: 100 * v for seed, v in late.items() if v is not None},
             "late_gain": _stats(_finite(late_gain(f) for f in files)),
             "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
