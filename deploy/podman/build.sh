@@ -48,6 +48,7 @@ torch_req="torch==$torch_pin"
 wheels=${TORCH_WHEELS:-}
 if [[ -z $wheels ]] && ! python3 -c "import urllib.request; urllib.request.urlopen('$torch_index/torch/', timeout=10)" 2>/dev/null; then
     # the wheel this host's pip takes for the CPU build (a dry run: nothing is downloaded or installed)
+    podman_venv || die "cannot make the podman-compose venv in $FEDMEF_PODMAN_DIR/venv (above)"
     report=$(mktemp)
     "$FEDMEF_PODMAN_DIR/venv/bin/python" -m pip install -q --dry-run --ignore-installed --no-deps \
         --report "$report" "torch==$torch_pin+cpu" >/dev/null 2>&1 || true

@@ -106,11 +106,16 @@ remove_host_paths() {
     done
 }
 
-podman_compose() {
+# The venv with the pinned podman-compose, made on first use. build.sh needs its pip before any compose
+# command has run (on a new host, its first), so making it is a step of its own.
+podman_venv() {
     local venv=$_podman_dir/venv
     if [[ ! -x $venv/bin/podman-compose ]] || ! "$venv/bin/podman-compose" --version 2>/dev/null | grep -q "^podman-compose version $PODMAN_COMPOSE_VERSION$"; then
-        /usr/bin/python3 -m venv "$venv"
-        "$venv/bin/python" -m pip install -q "podman-compose==$PODMAN_COMPOSE_VERSION"
+        /usr/bin/python3 -m venv "$venv" >&2
+        "$venv/bin/python" -m pip install -q "podman-compose==$PODMAN_COMPOSE_VERSION" >&2
     fi
-    "$venv/bin/podman-compose" "$@"
+}
+podman_compose() {
+    podman_venv
+    "$_podman_dir/venv/bin/podman-compose" "$@"
 }
