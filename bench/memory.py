@@ -10,7 +10,8 @@ at parameter sparsity 0.9) a fresh child process trains a few SGD steps and repo
 - ``activation_bytes``: every storage autograd holds between forward and backward, counted
   exactly through saved-tensor hooks (model parameters and buffers excluded, they are held anyway);
 - parameter, gradient and optimizer (momentum) bytes as allocated;
-- the child's peak RSS (``ru_maxrss``) and its median step time, with the project's runtime setting
+- the child's peak RSS (its VmHWM, :func:`common.measure.runtime.peak_rss_bytes`) and its median step time,
+  with the project's runtime setting
   (:data:`common.measure.runtime.TRAINING_ENV`, huge-page tensor allocation) and, from a second child, with
   glibc's default allocation, whose page faults cost SAP more than plain autograd; NSConv and
   NSConv + SAP, whose step times are compared, run ``--repeats`` times each, alternating, and the
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -191,7 +191,7 @@ def measure(
         "gradient_bytes": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer_bytes": sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
         "allocator": runtime.allocator(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": runtime.peak_rss_bytes(),
         "step_seconds_median": statistics.median(times),
         "step_seconds": times,
         # a sparse model as FedMef holds it (top-K gradients included), a dense one as FedAvg; SAP as run

@@ -18,8 +18,9 @@ A sampler polls the SuperNode's ``flwr-clientapp`` processes every 10 ms and kee
 largest VmHWM it read (``/proc/PID/status``: the kernel's high-water mark of that process's resident
 memory since its exec, so a spike between two polls still counts, and the SuperNode's memory, which
 ``ru_maxrss`` would carry across the fork, does not). Only a rise in the last 10 ms before the process
-exits could be missed. The processes are matched in order with the messages the SuperNode's log says it
-received (one query, then one train message per round).
+exits could be missed. Each round's reply names the process that trained (its ``pid`` metric), so the
+peak is that process's own: a SuperNode may start more ClientApp processes than it gets messages (five
+for four were seen here beside a busy runner), and their order is no guide.
 """
 
 from __future__ import annotations
@@ -48,17 +49,6 @@ ROUNDS = {1: "first", 2: "adjustment", 3: "normal"}
 POLL_S = 0.01
 #: what the SuperNode logs for each message it receives, e.g. "Receiving: train message (ID: ...)"
 RECEIVED = re.compile(r"Receiving: (\w+) message")
-
-
-#: A ClientApp process that serves a message imports torch and the app, about 250 MiB here (a query
-#: message's process peaked at 314 MiB). Beside a busy runner the SuperNode started five processes for
-#: four messages, the extra one peaking at 183 MiB; one that stays below this floor served none.
-APP_FLOOR = 250 * 2**20
-
-
-def serving(peaks: list[int]) -> list[int]:
-    """The peaks of the ClientApp processes that got as far as loading the app."""
-    return [peak for peak in peaks if peak >= APP_FLOOR]
 
 
 class ClientAppSampler:
@@ -101,6 +91,15 @@ class ClientAppSampler:
     def in_order(self) -> list[int]:
         """The peaks of the processes seen, oldest first."""
         return [self.peaks[pid] for pid in sorted(self.peaks, key=lambda p: self.started[p])]
+
+    def peak_of(self, pid: int | None, what: str) -> int:
+        """The peak of process ``pid``, which ``what`` (a round, for the error) says trained."""
+        if pid is None or int(pid) not in self.peaks:
+            raise RuntimeError(
+                f"{what}: the reply names ClientApp process {pid}, which the sampler never saw; it saw "
+                f"{sorted(self.peaks)} (peaks, MiB: {[round(p / 2**20) for p in self.in_order()]})"
+            )
+        return self.peaks[int(pid)]
 
 
 class Deployment:
@@ -206,27 +205,22 @@ def measure(dep: Deployment, model: str, method: str, base: dict[str, Any], time
             f"SuperNode log:\n{dep.tail('supernode')}"
         )
     messages = dep.received()[seen:]
-    seen_peaks = sampler.in_order()
-    peaks = serving(seen_peaks)
-    if len(peaks) != len(messages):
-        raise RuntimeError(
-            f"{name}: {len(peaks)} ClientApp processes for {len(messages)} messages ({messages}); peaks of all "
-            f"{len(seen_peaks)} seen, MiB: {[round(p / 2**20) for p in seen_peaks]}\n"
-            f"SuperNode log:\n{dep.tail('supernode')}"
-        )
-    train = [peak for kind, peak in zip(messages, peaks, strict=True) if kind == "train"]
-    if len(train) != len(ROUNDS):
-        raise RuntimeError(f"{name}: {len(train)} train messages, expected {len(ROUNDS)} ({messages})")
     rounds = json.loads(results_file.read_text())["rounds"]
+    if len(rounds) != len(ROUNDS) or any(len(r.get("clients") or []) != 1 for r in rounds):
+        raise RuntimeError(f"{name}: expected {len(ROUNDS)} rounds of one reply each, got {len(rounds)}: {messages}")
     adjusted = [bool(r.get("adjusted")) for r in rounds]
     if method != "fedavg" and adjusted != [ROUNDS[i] == "adjustment" for i in ROUNDS]:
         raise RuntimeError(f"{name}: rounds adjusted {adjusted}, expected round 2 only")
-    client = [r["clients"][0] if r.get("clients") else {} for r in rounds]
+    client = [r["clients"][0] for r in rounds]
+    train = [sampler.peak_of(c.get("pid"), f"{name}, round {i}") for i, c in enumerate(client, 1)]
     return {
         "model": model,
         "method": method,
         "messages": messages,
         "peak_mib": {ROUNDS[i]: train[i - 1] / 2**20 for i in ROUNDS},
+        # the process's own VmHWM when it built its reply: below the sampled peak by what encoding the
+        # reply and sending it took
+        "reported_peak_mib": [c.get("peak_rss_mb") for c in client],
         "activation_mib": [c.get("activation_bytes", 0) / 2**20 for c in client],
         "topk_activation_mib": [c.get("topk_activation_bytes", 0) / 2**20 for c in client],
         "train_s": [c.get("train_time_s", 0.0) for c in client],

@@ -16,7 +16,7 @@ device for the work, and everything that goes back comes back to the CPU first.
 
 from __future__ import annotations
 
-import resource
+import os
 import time
 from dataclasses import replace
 from logging import WARNING
@@ -31,6 +31,7 @@ from torch import nn
 from client.data import ClientData, load_client_data, node_config_number
 from client.device import device_report, plan_batch_size
 from client.trainer import build_local_model, local_train
+from common.measure import runtime
 from common.nn.training import evaluate
 from common.protocol.config import parse_run_config, resolve_device
 from common.protocol.instructions import Instructions
@@ -95,9 +96,12 @@ def train(msg: Message, context: Context) -> Message:
             "train-time-s": result.train_time_s,
             "cpu-time-s": cpu_time,
             "rss-mb": process.memory_info().rss / 2**20,
-            # ru_maxrss is KiB on Linux: the peak of this process over its life (a simulation actor
-            # serves many clients, so this is an upper bound there; a SuperNode's ClientApp is one client).
-            "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # the peak of this process over its life (a simulation actor serves many clients, so this is
+            # an upper bound there; a SuperNode's ClientApp is one client, in a process per message).
+            "peak-rss-mb": runtime.peak_rss_bytes() / 2**20,
+            # names the process, so an observer of the node's processes can tell which one served this
+            # reply (bench.supernode_memory)
+            "pid": os.getpid(),
             "activation-bytes": result.activation_bytes,
             "mask-version": ins.mask_version,
             "partition-id": data.partition_id,

@@ -458,6 +458,7 @@ class SparseStrategy(Strategy):
             "train_time_s": metrics.get("train-time-s"),
             "cpu_time_s": metrics.get("cpu-time-s"),
             "peak_rss_mb": metrics.get("peak-rss-mb"),
+            "pid": metrics.get("pid"),
             "rss_mb": metrics.get("rss-mb"),
             "activation_bytes": metrics.get("activation-bytes"),
             "steps": metrics.get("steps"),

@@ -57,6 +57,7 @@ def test_flwr_run_fedmef_in_simulation(tmp_path):
         "train_time_s",
         "cpu_time_s",
         "peak_rss_mb",
+        "pid",
         "activation_bytes",
         "bytes_down",
         "bytes_up",

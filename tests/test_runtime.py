@@ -93,3 +93,20 @@ def test_huge_page_allocation_takes_far_fewer_page_faults():
     default, huge = _faults(_plain_env()), _faults(runtime.training_env())
     assert default >= 5 * 4000, default
     assert huge * 4 < default, (huge, default)
+
+
+def test_a_process_reports_its_own_peak_not_the_one_it_inherited_from_its_parent():
+    # ru_maxrss survives fork and exec on Linux: a small child of a big parent (a SuperNode's ClientApp)
+    # would report the parent's peak
+    probe = (
+        "import resource; from common.measure import runtime; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, runtime.peak_rss_bytes())"
+    )
+    block = bytearray(400 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root)
+    del block
+    inherited, own = map(int, out.stdout.split())
+    assert inherited > 400 * 2**20
+    assert 0 < own < 200 * 2**20

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.supernode_memory import ClientAppSampler, Deployment, serving, table, write
+from bench.supernode_memory import ClientAppSampler, Deployment, table, write
 from common.measure import runtime
 
 ALLOCATE = "import time; block = bytearray({mib} * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(0.3)"
@@ -34,9 +34,21 @@ def test_the_sampler_keeps_the_peak_of_each_clientapp_process_after_it_exits_and
     assert 40 < peaks[1] < 40 + 60, peaks
 
 
-def test_a_clientapp_process_that_never_loaded_the_app_served_no_message():
-    mib = 2**20
-    assert serving([314 * mib, 183 * mib, 880 * mib, 894 * mib]) == [314 * mib, 880 * mib, 894 * mib]
+def test_a_round_takes_the_peak_of_the_process_its_reply_names_and_an_unseen_one_is_a_clear_error():
+    with ClientAppSampler(os.getpid()) as sampler:
+        # a spare process first, as a SuperNode beside a busy runner started: order must not matter
+        for mib in (150, 40):
+            child = _named_child("flwr-clientapp", mib)
+            child.wait()
+            time.sleep(0.05)
+    trained = child.pid
+    assert 40 < sampler.peak_of(trained, "round 2") / 2**20 < 40 + 60
+    with pytest.raises(
+        RuntimeError, match=r"round 3: the reply names ClientApp process 1, which the sampler never saw"
+    ):
+        sampler.peak_of(1, "round 3")
+    with pytest.raises(RuntimeError, match=r"round 1: the reply names ClientApp process None"):
+        sampler.peak_of(None, "round 1")
 
 
 def test_the_table_compares_normal_rounds_with_fedtinys_on_the_same_model():

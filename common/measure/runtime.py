@@ -23,6 +23,9 @@ faulted in afresh, in huge pages, so the step pays for zeroing its new tensors (
 from __future__ import annotations
 
 import os
+import re
+import resource
+from pathlib import Path
 
 #: Environment for training processes (clients, simulation workers, benchmarks).
 TRAINING_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}
@@ -45,3 +48,16 @@ def allocator() -> str:
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
     mapped = TRAINING_ENV["GLIBC_TUNABLES"] in os.environ.get("GLIBC_TUNABLES", "").split(":")
     return ("thp+mmap" if mapped else "thp") if thp else "glibc"
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident memory of this process since its exec: the kernel's VmHWM on Linux.
+
+    ``ru_maxrss`` survives exec on Linux, so a process forked from a large parent (a SuperNode's
+    ClientApp, a worker started by a big driver) reports the parent's peak if that was higher; VmHWM
+    belongs to the process's own address space. ``ru_maxrss`` (KiB) where /proc is not there."""
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        found = None
+    return int(found.group(1)) * 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
