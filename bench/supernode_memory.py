@@ -207,7 +207,11 @@ def measure(dep: Deployment, model: str, method: str, base: dict[str, Any], time
     messages = dep.received()[seen:]
     rounds = json.loads(results_file.read_text())["rounds"]
     if len(rounds) != len(ROUNDS) or any(len(r.get("clients") or []) != 1 for r in rounds):
-        raise RuntimeError(f"{name}: expected {len(ROUNDS)} rounds of one reply each, got {len(rounds)}: {messages}")
+        got = [(len(r.get("clients") or []), r.get("rejected")) for r in rounds]
+        raise RuntimeError(
+            f"{name}: expected {len(ROUNDS)} rounds of one accepted reply each; (replies, rejected) per round: "
+            f"{got}; messages {messages}"
+        )
     adjusted = [bool(r.get("adjusted")) for r in rounds]
     if method != "fedavg" and adjusted != [ROUNDS[i] == "adjustment" for i in ROUNDS]:
         raise RuntimeError(f"{name}: rounds adjusted {adjusted}, expected round 2 only")
@@ -275,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
             "min-train-nodes": 1,
             "fraction-evaluate": 0.0,
             "max-test-examples": 256,
+            # The bench measures memory, not learning: at lr 0.05 FedTiny's MobileNetV2 on 576 examples sent
+            # an update 20x the model's norm after its prune/grow, which the server's bound rightly rejects,
+            # and a rejected reply is not in the results file that names the round's process.
+            "max-update-ratio": 1e6,
             "results-dir": str(work / "runs"),
         }
         cfg = run_config(overrides=toml_overrides({k: base[k] for k in ("dataset", "data-dir")}))
