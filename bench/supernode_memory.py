@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         rows: list[dict[str, Any]] = []
         title = (
             f"One flower-supernode's ClientApp processes (Flower's subprocess isolation, a process per message) on "
-            f"CIFAR-10, batch 64, {a.steps} local steps, s_tm = s_ta = 0.9, ResNet18 at width 64; peak = largest "
+            f"CIFAR-10, batch 64, {a.steps} local steps, s_tm = s_ta = 0.9, ResNet18 at base width 64, MobileNetV2 at "
+            f"full width; peak = largest "
             f"VmHWM of the round's process (`python -m bench.supernode_memory {' '.join(argv or sys.argv[1:])}`); "
             f"training processes started with {runtime.TRAINING_ENV}."
         )
