@@ -92,12 +92,19 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     )
 
 
+#: Keys whose default changed after they were added, with what a run did before they existed: a
+#: checkpoint without them ran that, not today's default (BaE's L1 proximal step became the default
+#: on 2026-12-02).
+BEFORE_THE_KEY: dict[str, Any] = {"bae-step": "loss", "bae-penalty": "l2"}
+
+
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise ConfigError unless ``current`` is the checkpointed run's config up to :data:`OPERATIONAL_KEYS`.
 
     A key the checkpoint lacks was added to the app after it was written, and a new key's default keeps
-    the old behaviour, so it counts as its default: the run resumes unless the key is set otherwise."""
-    saved = {**RunConfig().as_dict(), **saved}
+    the old behaviour, so it counts as its default: the run resumes unless the key is set otherwise.
+    Where a default changed later, the key counts as what the app did before: :data:`BEFORE_THE_KEY`."""
+    saved = {**RunConfig().as_dict(), **BEFORE_THE_KEY, **saved}
     changed = sorted(
         key
         for key in saved.keys() | current.keys()

@@ -180,12 +180,15 @@ def test_a_resumed_run_may_change_where_it_waits_and_reads_but_not_what_it_compu
         check_resumable(saved, {**saved, "resume": True, "lr": 0.1, "seed": 1})
 
 
-def test_a_key_added_after_the_checkpoint_counts_as_its_default():
+def test_a_key_added_after_the_checkpoint_counts_as_what_the_app_did_before_it():
     saved = parse_run_config(run_config()).as_dict()
-    older = {key: value for key, value in saved.items() if key != "bae-step"}  # written before bae-step existed
-    check_resumable(older, {**saved, "resume": True})
-    with pytest.raises(ConfigError, match=r"bae-step = 'loss' -> 'proximal'"):
-        check_resumable(older, {**saved, "resume": True, "bae-step": "proximal"})
+    # written before prune-centre and BaE's step and penalty existed
+    older = {key: value for key, value in saved.items() if key not in ("prune-centre", "bae-step", "bae-penalty")}
+    # prune-centre's default is what every run did before it: resumable with it
+    check_resumable(older, {**saved, "resume": True, "bae-step": "loss", "bae-penalty": "l2"})
+    # BaE's default changed after its keys came: such a run took the squared penalty in the loss
+    with pytest.raises(ConfigError, match=r"bae-penalty = 'l2' -> 'l1', bae-step = 'loss' -> 'proximal'"):
+        check_resumable(older, {**saved, "resume": True})
 
 
 def test_a_resumed_results_log_goes_on_from_the_checkpoints_rounds(tmp_path):

@@ -89,9 +89,9 @@ class RunConfig:
     delta_r: int = 2
     r_stop: int = 5
     adjust_alpha: float = 0.2
-    bae_lambda: float = 1.0
-    bae_step: str = "loss"
-    bae_penalty: str = "l2"
+    bae_lambda: float = 0.3
+    bae_step: str = "proximal"
+    bae_penalty: str = "l1"
     prune_centre: str = "zero"
     grad_batches: int = 4
     topk_pass: str = "exact"
