@@ -79,13 +79,12 @@ class ClientAppSampler:
                 try:
                     if "flwr-clientapp" not in " ".join(child.cmdline()[:2]):
                         continue
-                    status = Path(f"/proc/{child.pid}/status").read_text()
+                    hwm = runtime.high_water_mark(child.pid)
                     self.started.setdefault(child.pid, child.create_time())
                 except (psutil.Error, OSError):
                     continue  # gone between the listing and the read: its last poll stands
-                hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-                if hwm:
-                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), int(hwm.group(1)) * 1024)
+                if hwm is not None:
+                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), hwm)
             time.sleep(POLL_S)
 
     def in_order(self) -> list[int]:

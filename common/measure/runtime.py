@@ -50,14 +50,21 @@ def allocator() -> str:
     return ("thp+mmap" if mapped else "thp") if thp else "glibc"
 
 
+def high_water_mark(pid: int | str = "self") -> int | None:
+    """Process ``pid``'s VmHWM in bytes: the kernel's high-water mark of its resident memory since its
+    exec; None where /proc has no such line. OSError when the process is gone."""
+    found = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(found.group(1)) * 1024 if found else None
+
+
 def peak_rss_bytes() -> int:
-    """The largest resident memory of this process since its exec: the kernel's VmHWM on Linux.
+    """The largest resident memory of this process since its exec (:func:`high_water_mark`).
 
     ``ru_maxrss`` survives exec on Linux, so a process forked from a large parent (a SuperNode's
     ClientApp, a worker started by a big driver) reports the parent's peak if that was higher; VmHWM
     belongs to the process's own address space. ``ru_maxrss`` (KiB) where /proc is not there."""
     try:
-        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        hwm = high_water_mark()
     except OSError:
-        found = None
-    return int(found.group(1)) * 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        hwm = None
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
