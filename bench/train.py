@@ -24,6 +24,7 @@ from common.nn.training import TrainStats, batches, evaluate, train_step
 from common.pruning.masks import keep_pruned_at_zero, load_masks, model_masks, random_masks, sparsity, weight_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCHEDULES = ("constant", "cosine")
 
 
 def run(
@@ -43,7 +44,13 @@ def run(
     sap_linear: bool = False,
     augment: bool = False,
     sap_format: str = DEFAULT_SAP_FORMAT,
+    schedule: str = "constant",
 ) -> dict:
+    """Train ``steps`` SGD steps of ``batch`` and test. ``schedule``: the learning rate stays ``lr``
+    (``constant``) or falls from it to 0 along a half cosine (``cosine``), which ends every seed at a
+    settled model instead of wherever a constant step size leaves it."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     torch.manual_seed(seed)
     seed_threshold_sampler(seed)  # else a run's SAP thresholds depend on the runs before it in this process
     data = load_dataset(dataset, data_dir)
@@ -61,6 +68,7 @@ def run(
     load_masks(model, masks)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     keep_pruned_at_zero(optimizer, model, masks)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" else None
     gen = torch.Generator().manual_seed(seed)
     test = data.test if test_limit is None else data.test.subset(slice(0, test_limit))
     curve, stats, window = [], TrainStats(), TrainStats()
@@ -69,8 +77,12 @@ def run(
         for images, labels in batches(data.train, batch, gen):
             train_step(model, optimizer, random_crop_flip(images, gen) if augment else images, labels, window)
             stats.steps += 1
+            if decay is not None:
+                decay.step()
             if stats.steps % log_every == 0 or stats.steps == steps:
-                curve.append({"step": stats.steps, "train_loss": window.mean_loss})
+                curve.append(
+                    {"step": stats.steps, "train_loss": window.mean_loss, "lr": optimizer.param_groups[0]["lr"]}
+                )
                 print(
                     f"[bench.train] step {stats.steps}/{steps} loss {window.mean_loss:.4f}", file=sys.stderr, flush=True
                 )
@@ -93,6 +105,7 @@ def run(
         "steps": steps,
         "batch": batch,
         "lr": lr,
+        "schedule": schedule,
         "seed": seed,
         "curve": curve,
         "test_loss": test_loss,

@@ -36,6 +36,17 @@ def test_a_run_does_not_depend_on_the_runs_before_it_in_the_process(fashion_mnis
     assert first["sap_format"] == "int8"
 
 
+def test_the_cosine_schedule_halves_the_rate_midway_and_ends_at_zero(fashion_mnist_available):
+    cosine = run(steps=4, log_every=1, test_limit=10, schedule="cosine")
+    constant = run(steps=4, log_every=1, test_limit=10)
+    # the rate each step leaves for the next: 0.05 (1 + cos(pi k / 4)) / 2 after step k
+    assert [p["lr"] for p in cosine["curve"]] == pytest.approx([0.04268, 0.025, 0.00732, 0.0], abs=1e-5)
+    assert [p["lr"] for p in constant["curve"]] == [0.05] * 4
+    assert cosine["schedule"] == "cosine"
+    with pytest.raises(ValueError, match="schedule must be one of constant, cosine"):
+        run(steps=1, schedule="linear")
+
+
 def test_sap_accuracy_prices_a_format_against_fp32_sap_paired_by_seed():
     from bench.sap_accuracy import REFERENCE, summary_table
 
