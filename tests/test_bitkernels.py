@@ -374,3 +374,38 @@ def test_without_a_sound_source_the_kernels_fall_back_to_torch(bundle, tmp_path,
     assert module.status().startswith("torch (no kernel source:"), module.status()
     assert ("sha256" if bundle == "corrupt" else "No such file") in module.status()
     assert not (tmp_path / "cache").exists()
+
+
+# Channel runs (inner) shorter than a byte, straddling bytes, and longer than a block.
+CHANNEL_GEOMETRIES = [(5, 3, 1), (6, 40, 900), (2, 3, 40000), (64, 600, 1), (1, 1, 3 * 32768 + 5)]
+
+
+@native
+@pytest.mark.parametrize("outer, channels, inner", CHANNEL_GEOMETRIES)
+def test_int8_channel_kernels_match_the_torch_expressions(outer, channels, inner):
+    n = outer * channels * inner
+    x = _awkward(n, seed=channels).view(outer, channels, inner)
+    flat = x.reshape(-1)
+    want_amax = torch.linalg.vector_norm(x, math.inf, dim=(0, 2))
+    assert _same(bitkernels.channel_absmax(flat, inner, channels), want_amax)
+
+    scale = torch.where(want_amax.isfinite() & (want_amax > 0), want_amax / 127, torch.ones(()))
+    bitmap, counts, kept = bitkernels.select_above(flat, 0.7)
+    scaled = (x / scale.view(1, -1, 1)).reshape(-1)
+    keep = unpack_bits(bitmap, n)
+    want_q = scaled[keep].round().clamp(-127, 127).to(torch.int8)
+    assert torch.equal(bitkernels.gather_quantize(flat, bitmap, counts, kept, scale, inner), want_q)
+
+    values = want_q.to(torch.float32)
+    odd_scale = scale.clone()
+    odd_scale[0] = -math.inf  # a hostile scale: 0 * -inf must give NaN where torch's product does
+    for s in (scale, odd_scale):
+        want = torch.zeros(n).masked_scatter_(keep, values).view(outer, channels, inner).mul_(s.view(1, -1, 1))
+        assert _same(bitkernels.scatter_scaled(values, bitmap, n, s, inner), want.reshape(-1))
+
+
+@native
+def test_scatter_scaled_rejects_a_bitmap_that_disagrees_with_the_values():
+    bitmap = pack_bits(torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="bitmap marks 2 entries but nnz=1"):
+        bitkernels.scatter_scaled(torch.ones(1), bitmap, 3, torch.ones(1), 3)

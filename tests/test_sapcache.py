@@ -310,7 +310,15 @@ def test_int8_scales_missing_or_mis_shaped_are_refused():
 
 @pytest.mark.parametrize("fmt", SAP_FORMATS)
 @pytest.mark.parametrize(
-    "shape, s_ta", [((3, 5, 7, 11), 0.9), ((64, 600), 0.9), ((4, 16, 32, 33), 0.9), ((5,), 0.0), ((64, 100), 0.05)]
+    "shape, s_ta",
+    [
+        ((3, 5, 7, 11), 0.9),
+        ((64, 600), 0.9),
+        ((4, 16, 32, 33), 0.9),
+        ((8, 40, 30, 30), 0.9),  # several kernel blocks; channel runs of 900, not whole bytes
+        ((5,), 0.0),
+        ((64, 100), 0.05),
+    ],
 )
 def test_native_and_torch_paths_are_bit_identical(fmt, shape, s_ta, monkeypatch):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3

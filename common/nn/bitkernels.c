@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 4096 /* bitmap bytes (32768 elements) per parallel block */
 
@@ -246,6 +247,111 @@ int64_t fm_extend_bits(const uint8_t *sub, int64_t sub_nbytes, const uint8_t *re
                     r &= ~(0x80u >> j);
                 }
                 bitmap[b] = (uint8_t)bits;
+            }
+        }
+    }
+    free(start);
+    return total;
+}
+
+/* SAP's int8 cache (common/nn/sapcache.py) scales each channel by max|x| / 127 of that channel.
+   Element i lies in channel (i / inner) % channels: inner = H*W and channels = C for a convolution's
+   (N, C, H, W) input, inner = 1 and channels = features for a linear layer's. The three functions
+   below fuse the scaling into the passes that select and scatter, so the cache costs what fp32's
+   does instead of two more passes over the whole activation; each equals the torch expressions of
+   sapcache bit for bit (the same IEEE division, round half to even and product). */
+
+/* amax[c] = max |x_i| over channel c, NaN if one is NaN (as torch's max), 0 with no entries. Slices of
+   inner elements reduce in parallel, then fold into their channel. n is a multiple of inner. */
+void fm_channel_absmax(const float *x, int64_t n, int64_t inner, int64_t channels, float *amax) {
+    int64_t slices = inner ? n / inner : 0;
+    float *slice_max = malloc(sizeof(float) * (slices ? slices : 1));
+    #pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < slices; s++) {
+        const float *p = x + s * inner;
+        float m = 0.0f;
+        int nan = 0;
+        for (int64_t i = 0; i < inner; i++) {
+            float a = fabsf(p[i]);
+            m = a > m ? a : m;
+            nan |= a != a;
+        }
+        slice_max[s] = nan ? NAN : m;
+    }
+    for (int64_t c = 0; c < channels; c++) amax[c] = 0.0f;
+    for (int64_t s = 0; s < slices; s++) {
+        float a = slice_max[s], *m = amax + s % channels;
+        if (*m == *m && (a > *m || a != a)) *m = a; /* a NaN, once there, stays */
+    }
+    free(slice_max);
+}
+
+/* Advance the running (slice end, channel) of element i: slices are visited in order, so no division. */
+static void seek_channel(int64_t i, int64_t inner, int64_t channels, int64_t *end, int64_t *c) {
+    while (i >= *end) {
+        *end += inner;
+        if (++*c == channels) *c = 0;
+    }
+}
+
+/* q <- the entries of x at the set bits, in order, as clamp(round_half_even(x_i / scale[c]), -127, 127);
+   counts as written by fm_select_above. */
+void fm_gather_quantize(const float *x, int64_t n, const uint8_t *bitmap, const int64_t *counts, const float *scale,
+                        int64_t inner, int64_t channels, int8_t *q) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
+    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
+    start[0] = 0;
+    for (int64_t k = 0; k < nb; k++) start[k + 1] = start[k] + counts[k];
+    #pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb; k++) {
+        int8_t *out = q + start[k];
+        int64_t slice = 8 * k * BLOCK / inner, end = (slice + 1) * inner, c = slice % channels;
+        for (int64_t b = k * BLOCK, stop = block_end(k, nbytes); b < stop; b++) {
+            for (unsigned bits = bitmap[b]; bits; ) {
+                int j = __builtin_clz(bits << 24);
+                int64_t i = 8 * b + j;
+                seek_channel(i, inner, channels, &end, &c);
+                float v = nearbyintf(x[i] / scale[c]);
+                *out++ = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+                bits &= ~(0x80u >> j);
+            }
+        }
+    }
+    free(start);
+}
+
+/* out (n floats) <- (values at the set bits, +0.0 elsewhere) * scale[c], every entry multiplied as
+   torch's decode-then-mul_ does. Returns the bitmap's popcount; out is only written when it equals nnz. */
+int64_t fm_scatter_scaled(const float *values, int64_t nnz, const uint8_t *bitmap, int64_t n, const float *scale,
+                          int64_t inner, int64_t channels, float *out) {
+    int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
+    int64_t *start = block_starts(bitmap, nbytes, nb), total = start[nb];
+    if (total == nnz) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < nb; k++) {
+            const float *v = values + start[k], *v_end = values + nnz;
+            int64_t slice = 8 * k * BLOCK / inner, end = (slice + 1) * inner, c = slice % channels;
+            for (int64_t b = k * BLOCK, stop = block_end(k, nbytes); b < stop; b++) {
+                unsigned bits = bitmap[b];
+                seek_channel(8 * b, inner, channels, &end, &c);
+                if (8 * b + 8 <= end && 8 * b + 8 <= n && v + 8 <= v_end) {
+                    /* one channel for the whole byte: fm_scatter's branch-free lanes, then the product */
+                    const uint32_t *m = lanes[bits], *vi = (const uint32_t *)v;
+                    const uint8_t *r = rank_before[bits];
+                    float s = scale[c];
+                    for (int j = 0; j < 8; j++) {
+                        uint32_t u = vi[r[j]] & m[j];
+                        float e;
+                        memcpy(&e, &u, sizeof e);
+                        out[8 * b + j] = e * s;
+                    }
+                    v += __builtin_popcount(bits);
+                    continue;
+                }
+                for (int64_t i = 8 * b, j = 0; i < n && j < 8; i++, j++) {
+                    seek_channel(i, inner, channels, &end, &c);
+                    out[i] = ((bits >> (7 - j)) & 1 ? *v++ : 0.0f) * scale[c];
+                }
             }
         }
     }

@@ -62,6 +62,9 @@ _SIGNATURES = {
     "fm_restrict_bits": (_I64, [_PTR, _PTR, _I64, _PTR]),
     "fm_extend_bits": (_I64, [_PTR, _I64, _PTR, _I64, _PTR]),
     "fm_block_elements": (_I64, []),
+    "fm_channel_absmax": (None, [_PTR, _I64, _I64, _I64, _PTR]),
+    "fm_gather_quantize": (None, [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR]),
+    "fm_scatter_scaled": (_I64, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR]),
 }
 
 
@@ -220,6 +223,47 @@ def scatter(values: torch.Tensor, bitmap: torch.Tensor, n: int) -> torch.Tensor:
     bitmap = bitmap.contiguous()
     out = torch.empty(n, dtype=values.dtype)
     marked = _loaded().fm_scatter(values.data_ptr(), values.numel(), bitmap.data_ptr(), n, out.data_ptr())
+    if marked != values.numel():
+        raise ValueError(f"bitmap marks {marked} entries but nnz={values.numel()}")
+    return out
+
+
+def channel_absmax(x: torch.Tensor, inner: int, channels: int) -> torch.Tensor:
+    """Per channel, ``max |x|`` (NaN if any entry is), for a :func:`usable` ``x`` whose element ``i``
+    lies in channel ``(i // inner) % channels`` (:mod:`common.nn.sapcache`'s int8 scale)."""
+    amax = torch.empty(channels, dtype=torch.float32)
+    _loaded().fm_channel_absmax(x.data_ptr(), x.numel(), inner, channels, amax.data_ptr())
+    return amax
+
+
+def gather_quantize(
+    x: torch.Tensor, bitmap: torch.Tensor, counts: torch.Tensor, kept: int, scale: torch.Tensor, inner: int
+) -> torch.Tensor:
+    """:func:`gather`, each value divided by its channel's ``scale`` (float32, one per channel; channels
+    as in :func:`channel_absmax`), rounded half to even and clamped to ±127, as int8."""
+    q = torch.empty(kept, dtype=torch.int8)
+    _loaded().fm_gather_quantize(
+        x.data_ptr(),
+        x.numel(),
+        bitmap.data_ptr(),
+        counts.data_ptr(),
+        scale.data_ptr(),
+        inner,
+        scale.numel(),
+        q.data_ptr(),
+    )
+    return q
+
+
+def scatter_scaled(values: torch.Tensor, bitmap: torch.Tensor, n: int, scale: torch.Tensor, inner: int) -> torch.Tensor:
+    """:func:`scatter`, then every entry (the zeros too) multiplied by its channel's ``scale``, in one pass."""
+    if bitmap.dtype != torch.uint8 or bitmap.device.type != "cpu" or bitmap.numel() < _nbytes(n):
+        raise ValueError(f"bitmap must be {_nbytes(n)} uint8 bytes on the CPU for {n} entries")
+    bitmap = bitmap.contiguous()
+    out = torch.empty(n, dtype=values.dtype)
+    marked = _loaded().fm_scatter_scaled(
+        values.data_ptr(), values.numel(), bitmap.data_ptr(), n, scale.data_ptr(), inner, scale.numel(), out.data_ptr()
+    )
     if marked != values.numel():
         raise ValueError(f"bitmap marks {marked} entries but nnz={values.numel()}")
     return out

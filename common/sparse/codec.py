@@ -337,8 +337,31 @@ def _counts_from_ends(ends: torch.Tensor, m: int, what: str) -> torch.Tensor:
     return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
-def decode(enc: EncodedTensor) -> torch.Tensor:
-    """Exact inverse of ``encode`` / ``encode_masked`` (FedMef App. 7.1), validating first."""
+def decode(enc: EncodedTensor, channel_scale: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Exact inverse of ``encode`` / ``encode_masked`` (FedMef App. 7.1), validating first.
+
+    ``channel_scale``: ``(scale, inner)``, a 1-D float tensor of one factor per channel and the
+    channel's run length: every decoded entry ``i`` (zeros included) is multiplied by
+    ``scale[(i // inner) % len(scale)]`` (SAP's int8 cache, :mod:`common.nn.sapcache`). A bitmap on
+    the native path does it inside the scatter, else the decoded tensor is multiplied; the products
+    are the same."""
+    if channel_scale is None:
+        return _decode(enc)
+    scale, inner = channel_scale
+    fmt, shape, _, _, n, pos_bits = _check_structure(enc)
+    if fmt is SparseFormat.BITMAP and n and bitkernels.usable(enc.values, scale):
+        _check_zero_padding(enc.positions, pos_bits)
+        try:
+            return bitkernels.scatter_scaled(enc.values, enc.positions, n, scale, inner).reshape(shape)
+        except ValueError as err:
+            raise CodecError(str(err)) from None
+    out = _decode(enc)
+    if n:
+        out.view(-1, scale.numel(), inner).mul_(scale.view(1, -1, 1))
+    return out
+
+
+def _decode(enc: EncodedTensor) -> torch.Tensor:
     fmt, shape, n_r, n_c, n, pos_bits = _check_structure(enc)
     m, values, positions = enc.nnz, enc.values, enc.positions
     device = values.device
