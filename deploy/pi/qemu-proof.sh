@@ -193,33 +193,9 @@ if platform.machine() != "aarch64" or hwcap & 1 << 8:
 # The server: FedMef's strategy builds round 2's train message (with delta-r 2 an adjustment round:
 # BaE counts per layer, top-K asked for). It is handed over as records, not through Flower's wire
 # encoding (flwr has no public serialiser); a real transport to an arm64 node is the compose federation's.
-values = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
-values.update({"strategy": "fedmef", "model": "lenet5", "norm": "nsconv", "sap": "on", "s-ta": 0.9,
-               "bae": "on", "max-local-steps": 5, "batch-size": 32, "min-train-nodes": 1})
-cfg = parse_run_config(values)
-torch.manual_seed(cfg.seed)  # the initial model, as the ServerApp seeds it
-strategy = make_strategy(cfg, build_model(cfg.model, norm=cfg.resolved_norm, gamma=cfg.gamma))
-ins = strategy.instructions(2)
-if not (ins.counts and ins.bae and ins.topk and ins.mode == "masked"):
-    sys.exit(f"round 2 is not a masked BaE/top-K round: {ins}")
-content = strategy.content_for(1, ins)
-print(f"server: {cfg.model} {ins.norm}, SAP s_ta {ins.s_ta}, mode {ins.mode}, BaE on {sum(ins.counts)} weights, "
-      f"top-K {ins.topk}, {ins.max_local_steps} steps of batch {ins.batch_size}; message {content_bytes(content)} bytes")
-
-# The SuperNode: the ClientApp's train handler on this device's partition file.
-msg = Message(content=content, metadata=Metadata(
-    run_id=1, message_id="qemu-proof", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="2",
-    created_at=time.time(), ttl=3600, message_type="train"))
-
-
-def client_round():
-    """The handler on a fresh node state, with the same random draws (SAP's threshold samples)."""
-    torch.manual_seed(0)
-    sap._sampler.manual_seed(0x5A9)
-    context = Context(run_id=1, node_id=1, node_config={"data-path": sys.argv[2]}, state=RecordDict(),
-                      run_config=values)
-    began = time.perf_counter()
-    return train(msg, context), time.perf_counter() - began
+base = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
+base.update({"strategy": "fedmef", "model": "lenet5", "norm": "nsconv", "sap": "on", "s-ta": 0.9,
+             "bae": "on", "max-local-steps": 5, "batch-size": 32, "min-train-nodes": 1})
 
 
 def arrays(reply):
@@ -230,20 +206,50 @@ def arrays(reply):
 print(f"SAP kernels: {bitkernels.status()}")
 if bitkernels.library() is None:
     sys.exit("the SAP kernels did not build")
-reply, took = client_round()
-m = reply.content["metrics"]
-print(f"client: {int(m['steps'])} steps on {int(m['num-examples'])} examples, loss {m['train-loss']:.4f}, "
-      f"BaE marked {int(m['bae-marked'])}, top-K in reply {'topk' in reply.content}, "
-      f"train {m['train-time-s']:.1f} s, handler {took:.1f} s, peak RSS {m['peak-rss-mb']:.0f} MiB")
-if not (m["steps"] == ins.max_local_steps and math.isfinite(m["train-loss"]) and "topk" in reply.content):
-    sys.exit("the client round did not complete as instructed")
-bitkernels.usable = lambda *tensors: False  # the same round on SAP's torch code
-fallback, took_torch = client_round()
-same = arrays(reply) == arrays(fallback) and fallback.content["metrics"]["train-loss"] == m["train-loss"]
-print(f"the same round on the torch fallback: handler {took_torch:.1f} s, reply arrays and loss "
-      f"{'bit-identical' if same else 'DIFFERENT'}")
-if not same:
-    sys.exit("the native SAP kernels and the torch code disagree on aarch64")
+native_usable = bitkernels.usable
+# the default cache and int8, whose scaling has kernels of its own
+for sap_format in ("fp32", "int8"):
+    values = {**base, "sap-format": sap_format}
+    cfg = parse_run_config(values)
+    torch.manual_seed(cfg.seed)  # the initial model, as the ServerApp seeds it
+    strategy = make_strategy(cfg, build_model(cfg.model, norm=cfg.resolved_norm, gamma=cfg.gamma))
+    ins = strategy.instructions(2)
+    if not (ins.counts and ins.bae and ins.topk and ins.mode == "masked"):
+        sys.exit(f"round 2 is not a masked BaE/top-K round: {ins}")
+    content = strategy.content_for(1, ins)
+    print(f"server: {cfg.model} {ins.norm}, SAP s_ta {ins.s_ta} in {sap_format}, mode {ins.mode}, "
+          f"BaE on {sum(ins.counts)} weights, top-K {ins.topk}, {ins.max_local_steps} steps of batch "
+          f"{ins.batch_size}; message {content_bytes(content)} bytes")
+
+    # The SuperNode: the ClientApp's train handler on this device's partition file.
+    msg = Message(content=content, metadata=Metadata(
+        run_id=1, message_id="qemu-proof", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="2",
+        created_at=time.time(), ttl=3600, message_type="train"))
+
+    def client_round():
+        """The handler on a fresh node state, with the same random draws (SAP's threshold samples)."""
+        torch.manual_seed(0)
+        sap._sampler.manual_seed(0x5A9)
+        context = Context(run_id=1, node_id=1, node_config={"data-path": sys.argv[2]}, state=RecordDict(),
+                          run_config=values)
+        began = time.perf_counter()
+        return train(msg, context), time.perf_counter() - began
+
+    bitkernels.usable = native_usable
+    reply, took = client_round()
+    m = reply.content["metrics"]
+    print(f"client ({sap_format}): {int(m['steps'])} steps on {int(m['num-examples'])} examples, "
+          f"loss {m['train-loss']:.4f}, BaE marked {int(m['bae-marked'])}, top-K in reply {'topk' in reply.content}, "
+          f"train {m['train-time-s']:.1f} s, handler {took:.1f} s, peak RSS {m['peak-rss-mb']:.0f} MiB")
+    if not (m["steps"] == ins.max_local_steps and math.isfinite(m["train-loss"]) and "topk" in reply.content):
+        sys.exit("the client round did not complete as instructed")
+    bitkernels.usable = lambda *tensors: False  # the same round on SAP's torch code
+    fallback, took_torch = client_round()
+    same = arrays(reply) == arrays(fallback) and fallback.content["metrics"]["train-loss"] == m["train-loss"]
+    print(f"the same round on the torch fallback ({sap_format}): handler {took_torch:.1f} s, reply arrays and "
+          f"loss {'bit-identical' if same else 'DIFFERENT'}")
+    if not same:
+        sys.exit(f"the native SAP kernels and the torch code disagree on aarch64 ({sap_format} cache)")
 print("OK: the pinned wheels run the ClientApp on an emulated Cortex-A72, SAP's kernels included")
 PY
 
