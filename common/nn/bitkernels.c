@@ -22,6 +22,11 @@
 static uint32_t lanes[256][8];
 static uint8_t set_offsets[256][8];
 static uint8_t rank_before[256][8];
+/* For a reference byte r and a byte m: pext8[r][m] = the bits of m at r's set bits, in order, in the
+   low popcount(r) bits (the first set bit of r the highest); pdep8[r][v] puts them back. They move a
+   byte per step in the relative bitmaps below (a portable PEXT / PDEP: ARM has neither). */
+static uint8_t pext8[256][256];
+static uint8_t pdep8[256][256];
 
 __attribute__((constructor)) static void init_tables(void) {
     for (int b = 0; b < 256; b++) {
@@ -36,6 +41,20 @@ __attribute__((constructor)) static void init_tables(void) {
         seen = 0;
         for (int j = 0; j < 8; j++)
             if ((b >> (7 - j)) & 1) set_offsets[b][seen++] = (uint8_t)j;
+    }
+    for (int r = 0; r < 256; r++) {
+        int count = __builtin_popcount(r);
+        for (int v = 0; v < 256; v++) {
+            unsigned extracted = 0, deposited = 0;
+            for (int j = 0, k = 0; j < 8; j++) {
+                if (!((r >> (7 - j)) & 1)) continue;
+                extracted = extracted << 1 | ((v >> (7 - j)) & 1u);
+                deposited |= ((v >> (count - 1 - k)) & 1u) << (7 - j);
+                k++;
+            }
+            pext8[r][v] = (uint8_t)extracted;
+            pdep8[r][v] = (uint8_t)(deposited & 0xFFu);
+        }
     }
 }
 
@@ -207,23 +226,27 @@ int64_t fm_restrict_bits(const uint8_t *bitmap, const uint8_t *ref, int64_t n, u
     int64_t *start = block_starts(ref, nbytes, nb);
     #pragma omp parallel for schedule(static) reduction(+ : outside)
     for (int64_t k = 0; k < nb; k++) {
-        int64_t p = start[k], shared = start[k] % 8 ? start[k] / 8 : -1;
-        unsigned acc = 0;
+        /* bits gather MSB-first in acc: its low nacc bits are pending, nacc < 8 between bytes; the
+           block's first sub byte begins start[k] % 8 bits in, as zeros for the neighbour's OR */
+        int64_t out = start[k] / 8;
+        unsigned acc = 0, nacc = (unsigned)(start[k] % 8);
+        int first_shared = nacc != 0;
         for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) {
             unsigned r = ref[b], m = bitmap[b];
             outside += __builtin_popcount(m & ~r & 0xFFu);
-            while (r) {
-                int j = __builtin_clz(r << 24);
-                acc |= ((m >> (7 - j)) & 1u) << (7 - p % 8);
-                r &= ~(0x80u >> j);
-                if (++p % 8 == 0) {
-                    if (p / 8 - 1 == shared) or_byte(sub + shared, acc);
-                    else sub[p / 8 - 1] = (uint8_t)acc;
-                    acc = 0;
-                }
+            acc = acc << __builtin_popcount(r) | pext8[r][m];
+            nacc += __builtin_popcount(r);
+            if (nacc >= 8) {
+                nacc -= 8;
+                unsigned byte = (acc >> nacc) & 0xFFu;
+                if (first_shared) or_byte(sub + out, byte);
+                else sub[out] = (uint8_t)byte;
+                first_shared = 0;
+                out++;
+                acc &= (1u << nacc) - 1u;
             }
         }
-        if (p % 8) or_byte(sub + p / 8, acc); /* the next block's first byte */
+        if (nacc) or_byte(sub + out, (acc << (8 - nacc)) & 0xFFu); /* shared with the next block */
     }
     free(start);
     return outside;
@@ -240,13 +263,17 @@ int64_t fm_extend_bits(const uint8_t *sub, int64_t sub_nbytes, const uint8_t *re
         for (int64_t k = 0; k < nb; k++) {
             int64_t p = start[k];
             for (int64_t b = k * BLOCK, end = block_end(k, nbytes); b < end; b++) {
-                unsigned bits = 0;
-                for (unsigned r = ref[b]; r; p++) {
-                    int j = __builtin_clz(r << 24);
-                    bits |= ((unsigned)(sub[p / 8] >> (7 - p % 8)) & 1u) << (7 - j);
-                    r &= ~(0x80u >> j);
+                unsigned r = ref[b], count = __builtin_popcount(r);
+                if (!count) {
+                    bitmap[b] = 0;
+                    continue;
                 }
-                bitmap[b] = (uint8_t)bits;
+                /* the next count (<= 8) sub bits, from the two bytes that hold them */
+                int64_t at = p / 8;
+                unsigned window = (unsigned)sub[at] << 8 | (at + 1 < sub_nbytes ? sub[at + 1] : 0u);
+                unsigned v = (window >> (16 - p % 8 - count)) & ((1u << count) - 1u);
+                bitmap[b] = pdep8[r][v];
+                p += count;
             }
         }
     }
