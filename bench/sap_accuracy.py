@@ -8,6 +8,11 @@ fp16, bf16, int8), three seeds each. A format's cost is its accuracy against fp3
     python -m bench.sap_accuracy --configs nsconv+sap-conv,nsconv+sap-conv-int8 --seeds 3,4
     python -m bench.sap_accuracy --schedule constant --steps 200 --seeds 0
 
+``--gradients`` measures instead what each cache does to one step: how far (cosine, relative error)
+the weight gradient a format gives lies from the one fp32 SAP gives, and fp32 SAP's from the exact one
+(no SAP), on the same model, masks and batches (``gradients.json``, seconds to run). It prices the formats
+where the accuracy runs cannot, below their seed noise.
+
 The learning rate falls to 0 along a half cosine by default: at a constant rate two paired seeds
 ended up to 7 points apart after 600 steps (BatchNorm 34.8-49.6 %), which buries a format's cost
 under where each trajectory happened to stop. Each (configuration, seed) is a JSON file of its own
@@ -21,11 +26,19 @@ import argparse
 import json
 import statistics
 import sys
+from itertools import islice
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from bench.train import SCHEDULES, run
-from common.data.datasets import DataError
+from common.data.datasets import DataError, load_dataset
+from common.nn.models import build_model
+from common.nn.sap import seed_threshold_sampler
 from common.nn.sapcache import SAP_FORMATS
+from common.nn.training import batches
+from common.pruning.masks import load_masks, random_masks, weight_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sap_accuracy"
 CONFIGS: dict[str, dict] = {  # label -> bench.train.run arguments
@@ -41,6 +54,59 @@ CONFIGS: dict[str, dict] = {  # label -> bench.train.run arguments
 }
 #: the configuration whose accuracy the lossy formats are compared with
 REFERENCE = "nsconv+sap-conv"
+
+
+def _weight_gradient(
+    width: int, images: torch.Tensor, labels: torch.Tensor, sap_format: str | None, seed: int
+) -> torch.Tensor:
+    """The flat weight gradient of one batch: ResNet18 (NSConv, ERK masks at 90 %) seeded by ``seed``,
+    SAP at s_ta 0.9 in ``sap_format`` (None: no SAP), the threshold samples seeded alike."""
+    torch.manual_seed(seed)
+    model = build_model(
+        "resnet18",
+        norm="nsconv",
+        act_sparsity=None if sap_format is None else 0.9,
+        width=width,
+        sap_format=sap_format or "fp32",
+    )
+    load_masks(model, random_masks(weight_shapes(model), 0.9, generator=torch.Generator().manual_seed(seed)))
+    seed_threshold_sampler(seed)
+    F.cross_entropy(model(images), labels).backward()
+    return torch.cat([p.grad.reshape(-1) for name, p in model.named_parameters() if name.endswith("weight")])
+
+
+def _distance(g: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    return {
+        "cosine": float(F.cosine_similarity(g, reference, dim=0)),
+        "relative_error": float(torch.linalg.vector_norm(g - reference) / torch.linalg.vector_norm(reference)),
+    }
+
+
+def gradient_fidelity(data_dir: str | None, width: int, n_batches: int = 4, seed: int = 0) -> dict:
+    """Per format, how far its weight gradient lies from fp32 SAP's (cosine, and ``|g - g_fp32| /
+    |g_fp32|``), and fp32 SAP's from the exact one, over ``n_batches`` training batches of 64 at
+    initialisation: mean and worst of each."""
+    data = load_dataset("cifar10", data_dir)
+    gen = torch.Generator().manual_seed(seed)
+    per_batch: dict[str, list[dict[str, float]]] = {}
+    for images, labels in islice(batches(data.train, 64, gen), n_batches):
+        exact = _weight_gradient(width, images, labels, None, seed)
+        fp32 = _weight_gradient(width, images, labels, "fp32", seed)
+        per_batch.setdefault("fp32 SAP vs exact", []).append(_distance(fp32, exact))
+        for fmt in SAP_FORMATS:
+            if fmt != "fp32":
+                lossy = _weight_gradient(width, images, labels, fmt, seed)
+                per_batch.setdefault(f"{fmt} vs fp32 SAP", []).append(_distance(lossy, fp32))
+    return {
+        pair: {
+            "batches": len(rows),
+            "cosine_mean": statistics.fmean(r["cosine"] for r in rows),
+            "cosine_min": min(r["cosine"] for r in rows),
+            "relative_error_mean": statistics.fmean(r["relative_error"] for r in rows),
+            "relative_error_max": max(r["relative_error"] for r in rows),
+        }
+        for pair, rows in per_batch.items()
+    }
 
 
 def summary_table(results: dict[str, list[dict]], title: str) -> str:
@@ -75,7 +141,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning rate over the steps")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations (default: all)")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
+    p.add_argument("--gradients", action="store_true", help="only the one-step gradient cosines (gradients.json)")
     a = p.parse_args(argv)
+    if a.gradients:
+        try:
+            result = gradient_fidelity(a.data_dir, a.width)
+        except DataError as exc:
+            sys.exit(f"bench.sap_accuracy: {exc}")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "gradients.json").write_text(json.dumps({"width": a.width, "pairs": result}, indent=1))
+        print("| weight gradient | cosine, mean (worst) | relative error, mean (worst) |\n|---|---|---|")
+        for pair, v in result.items():
+            print(
+                f"| {pair} | {v['cosine_mean']:.6f} ({v['cosine_min']:.6f}) "
+                f"| {v['relative_error_mean']:.2e} ({v['relative_error_max']:.2e}) |"
+            )
+        return
     seeds = [int(s) for s in a.seeds.split(",")]
     unknown = sorted(set(a.configs.split(",")) - set(CONFIGS))
     if unknown:

@@ -57,3 +57,23 @@ def test_sap_accuracy_prices_a_format_against_fp32_sap_paired_by_seed():
     row = next(line for line in table.splitlines() if line.startswith("| nsconv+sap-conv-int8 "))
     assert "| 55.50 ± 9.19 |" in row  # the accuracies themselves
     assert "| +0.50 ± 2.12 |" in row  # -1 and +2 points against the same seeds of fp32 SAP
+
+
+def test_sap_accuracy_gradients_put_the_lossy_formats_far_closer_to_fp32_than_sap_is_to_exact(tmp_path):
+    import numpy as np
+
+    from bench.sap_accuracy import gradient_fidelity
+
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "cifar10.npz",
+        x_train=rng.integers(0, 256, (64, 3072), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+        y_test=np.array([0, 1]),
+    )
+    pairs = gradient_fidelity(str(tmp_path), width=4, n_batches=1)
+    error = {pair: v["relative_error_mean"] for pair, v in pairs.items()}
+    assert set(error) == {"fp32 SAP vs exact", "fp16 vs fp32 SAP", "bf16 vs fp32 SAP", "int8 vs fp32 SAP"}
+    assert 0 < error["fp16 vs fp32 SAP"] < error["bf16 vs fp32 SAP"] < error["int8 vs fp32 SAP"]
+    assert error["int8 vs fp32 SAP"] < error["fp32 SAP vs exact"] / 10  # SAP's own dropping dwarfs int8's rounding
