@@ -45,14 +45,17 @@ def run(
     augment: bool = False,
     sap_format: str = DEFAULT_SAP_FORMAT,
     schedule: str = "constant",
+    threshold_seed: int | None = None,
 ) -> dict:
     """Train ``steps`` SGD steps of ``batch`` and test. ``schedule``: the learning rate stays ``lr``
     (``constant``) or falls from it to 0 along a half cosine (``cosine``), which ends every seed at a
-    settled model instead of wherever a constant step size leaves it."""
+    settled model instead of wherever a constant step size leaves it. ``threshold_seed``: where SAP's
+    threshold samples start (default ``seed``); another value perturbs a run and nothing else."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     torch.manual_seed(seed)
-    seed_threshold_sampler(seed)  # else a run's SAP thresholds depend on the runs before it in this process
+    # else a run's SAP thresholds depend on the runs before it in this process
+    seed_threshold_sampler(seed if threshold_seed is None else threshold_seed)
     data = load_dataset(dataset, data_dir)
     model = build_model(
         model_name,
@@ -107,6 +110,7 @@ def run(
         "lr": lr,
         "schedule": schedule,
         "seed": seed,
+        "threshold_seed": seed if threshold_seed is None else threshold_seed,
         "curve": curve,
         "test_loss": test_loss,
         "test_accuracy": test_acc,

@@ -47,6 +47,16 @@ def test_the_cosine_schedule_halves_the_rate_midway_and_ends_at_zero(fashion_mni
         run(steps=1, schedule="linear")
 
 
+def test_another_threshold_seed_perturbs_a_run_and_its_own_seed_is_the_default(fashion_mnist_available):
+    own = run(steps=20, log_every=20, test_limit=500)
+    same = run(steps=20, log_every=20, test_limit=500, threshold_seed=0)
+    other = run(steps=20, log_every=20, test_limit=500, threshold_seed=1000)
+    assert same["curve"] == own["curve"] and same["test_loss"] == own["test_loss"]
+    assert same["threshold_seed"] == own["threshold_seed"] == 0 and other["threshold_seed"] == 1000
+    assert other["test_loss"] != own["test_loss"]  # other thresholds, other kept entries, other weights
+    assert other["test_loss"] == pytest.approx(own["test_loss"], rel=1e-3)  # and nothing else changed
+
+
 def test_sap_accuracy_prices_a_format_against_fp32_sap_paired_by_seed():
     from bench.sap_accuracy import REFERENCE, summary_table
 
