@@ -77,6 +77,14 @@ static int64_t *block_starts(const uint8_t *bitmap, int64_t nbytes, int64_t nb) 
     return start;
 }
 
+/* start[k] = the sum of counts before block k (fm_select_above's counts; malloc'd: the caller frees). */
+static int64_t *count_starts(const int64_t *counts, int64_t nb) {
+    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
+    start[0] = 0;
+    for (int64_t k = 0; k < nb; k++) start[k + 1] = start[k] + counts[k];
+    return start;
+}
+
 /* Bit (7 - j) of bitmap[b] = |x[8b + j]| > t; counts[k] = bits set in block k; returns the total. */
 int64_t fm_select_above(const float *x, int64_t n, float t, uint8_t *bitmap, int64_t *counts) {
     int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes), whole = n / 8, total = 0;
@@ -106,9 +114,7 @@ int64_t fm_select_above(const float *x, int64_t n, float t, uint8_t *bitmap, int
    the bytes after that copy exactly. */
 void fm_gather(const float *x, int64_t n, const uint8_t *bitmap, const int64_t *counts, float *values) {
     int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
-    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
-    start[0] = 0;
-    for (int64_t k = 0; k < nb; k++) start[k + 1] = start[k] + counts[k];
+    int64_t *start = count_starts(counts, nb);
     #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < nb; k++) {
         float *out = values + start[k], *out_end = values + start[k + 1];
@@ -326,9 +332,7 @@ static void seek_channel(int64_t i, int64_t inner, int64_t channels, int64_t *en
 void fm_gather_quantize(const float *x, int64_t n, const uint8_t *bitmap, const int64_t *counts, const float *scale,
                         int64_t inner, int64_t channels, int8_t *q) {
     int64_t nbytes = (n + 7) / 8, nb = block_count(nbytes);
-    int64_t *start = malloc(sizeof(int64_t) * (nb + 1));
-    start[0] = 0;
-    for (int64_t k = 0; k < nb; k++) start[k + 1] = start[k] + counts[k];
+    int64_t *start = count_starts(counts, nb);
     #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < nb; k++) {
         int8_t *out = q + start[k];
