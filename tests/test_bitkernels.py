@@ -111,6 +111,25 @@ def test_scatter_rejects_a_bitmap_that_disagrees_with_the_values():
 
 
 @native
+def test_scatter_into_out_overwrites_it_and_rejects_one_that_does_not_fit():
+    keep = torch.rand(100) > 0.5
+    values, bitmap, scale = torch.rand(int(keep.sum())), pack_bits(keep), torch.tensor([2.0, -1.0])
+    out = torch.full((100,), float("nan"))
+    assert bitkernels.scatter(values, bitmap, 100, out).data_ptr() == out.data_ptr()
+    assert _same(out, bitkernels.scatter(values, bitmap, 100))
+    out.fill_(float("nan"))
+    assert _same(
+        bitkernels.scatter_scaled(values, bitmap, 100, scale, 50, out),
+        bitkernels.scatter_scaled(values, bitmap, 100, scale, 50),
+    )
+    for bad in (torch.empty(99), torch.empty(100, dtype=torch.float64), torch.empty(200)[::2]):
+        with pytest.raises(ValueError, match="out must be 100 contiguous"):
+            bitkernels.scatter(values, bitmap, 100, bad)
+        with pytest.raises(ValueError, match="out must be 100 contiguous"):
+            bitkernels.scatter_scaled(values, bitmap, 100, scale, 50, bad)
+
+
+@native
 @pytest.mark.parametrize("upper", [None, 6.0])
 @pytest.mark.parametrize("n", SIZES)
 def test_relu_pack_and_mask_grad_match_torch(n, upper):

@@ -131,6 +131,32 @@ def test_large_tensor_round_trip_spans_several_chunks(fmt: SparseFormat) -> None
     _assert_same(decode(enc), x)
 
 
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=lambda f: f.value)
+def test_decode_into_a_dirty_buffer_writes_every_entry_and_returns_a_view_of_it(fmt: SparseFormat) -> None:
+    x = _sparse((9, 13), 0.3, 12)
+    enc = encode(x, fmt=fmt)
+    buffer = torch.full((x.numel(),), float("nan"))
+    out = decode(enc, out=buffer)
+    _assert_same(out, x)
+    assert out.data_ptr() == buffer.data_ptr()
+    scale = torch.tensor([0.5, 2.0, -1.0])  # one factor per 39 entries: 3 channels of 3 x 13
+    scaled = decode(enc, channel_scale=(scale, 39), out=buffer.fill_(float("nan")))
+    _assert_same(scaled, decode(enc, channel_scale=(scale, 39)))
+
+
+def test_decode_rejects_an_out_buffer_of_the_wrong_size_dtype_or_layout() -> None:
+    enc = encode(_sparse((4, 5), 0.3, 13), fmt="bitmap")
+    for bad in (
+        torch.empty(19),
+        torch.empty(21),
+        torch.empty(20, dtype=torch.float64),
+        torch.empty(4, 5),
+        torch.empty(40)[::2],
+    ):
+        with pytest.raises(CodecError, match="out must be"):
+            decode(enc, out=bad)
+
+
 # --------------------------------------------------------------------------- payloads are exactly the App. 7.1 sizes
 
 

@@ -502,6 +502,51 @@ def test_relative_positions_change_no_gradient(name):
         assert torch.equal(grads[0][n], grads[1][n]), n
 
 
+class _FreshDecodes:
+    """Stands in for the decode scratch: every decode into its own NaN-filled tensor."""
+
+    def take(self, shape, dtype, device):
+        return torch.full((math.prod(shape),), float("nan"), dtype=dtype, device=device)
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("value_format", ["fp32", "int8"])
+def test_decoding_every_layer_into_one_reused_buffer_changes_no_gradient(name, value_format, monkeypatch):
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(10, (2,))
+    grads = []
+    for fresh in (False, True):
+        if fresh:
+            monkeypatch.setattr(sap, "_decode_scratch", _FreshDecodes())
+        torch.manual_seed(0)
+        model = build_model(
+            name, act_sparsity=0.9, sap_format=value_format, **({"width": 8} if name == "resnet18" else {})
+        )
+        step = []
+        for _ in range(2):  # the second backward decodes into the buffer the first one left
+            sap._sampler.manual_seed(3)
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            step.append({n: p.grad for n, p in model.named_parameters()})
+        grads.append(step)
+    for n in grads[0][0]:
+        assert torch.equal(grads[0][0][n], grads[1][0][n]), n
+        assert torch.equal(grads[0][1][n], grads[1][1][n]), n
+
+
+def test_the_decode_buffer_outlives_backward_only_until_the_next_forward():
+    model = build_model("resnet18", act_sparsity=0.9, width=8)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(10, (2,))
+    F.cross_entropy(model(x), y).backward()
+    largest = max(2 * 8 * 32 * 32, 2 * 64 * 4 * 4)  # the widest SAP input of ResNet18 at width 8
+    assert sap._decode_scratch.buffer is not None and sap._decode_scratch.buffer.numel() == largest
+    with torch.no_grad():
+        model(x)
+    assert sap._decode_scratch.buffer is None
+
+
 def test_two_sap_layers_reading_one_relu_output_hold_its_cache_once():
     """A ResNet block's first convolution and its projection shortcut read the same tensor."""
     torch.manual_seed(5)

@@ -213,15 +213,24 @@ def gather(x: torch.Tensor, bitmap: torch.Tensor, counts: torch.Tensor, kept: in
     return values
 
 
-def scatter(values: torch.Tensor, bitmap: torch.Tensor, n: int) -> torch.Tensor:
-    """Dense ``n`` floats: ``values`` at the set bits of ``bitmap``, 0 elsewhere.
+def _output(values: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=values.dtype)
+    if out.dtype != values.dtype or out.device.type != "cpu" or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be {n} contiguous {values.dtype} entries on the CPU")
+    return out
+
+
+def scatter(values: torch.Tensor, bitmap: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``n`` floats: ``values`` at the set bits of ``bitmap``, 0 elsewhere; written into ``out``
+    (every entry of it) when given.
 
     Raises ValueError when the bitmap is too short or marks a different number of entries than
     there are values (the caller turns it into its own error type)."""
     if bitmap.dtype != torch.uint8 or bitmap.device.type != "cpu" or bitmap.numel() < _nbytes(n):
         raise ValueError(f"bitmap must be {_nbytes(n)} uint8 bytes on the CPU for {n} entries")
     bitmap = bitmap.contiguous()
-    out = torch.empty(n, dtype=values.dtype)
+    out = _output(values, n, out)
     marked = _loaded().fm_scatter(values.data_ptr(), values.numel(), bitmap.data_ptr(), n, out.data_ptr())
     if marked != values.numel():
         raise ValueError(f"bitmap marks {marked} entries but nnz={values.numel()}")
@@ -255,12 +264,14 @@ def gather_quantize(
     return q
 
 
-def scatter_scaled(values: torch.Tensor, bitmap: torch.Tensor, n: int, scale: torch.Tensor, inner: int) -> torch.Tensor:
+def scatter_scaled(
+    values: torch.Tensor, bitmap: torch.Tensor, n: int, scale: torch.Tensor, inner: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`scatter`, then every entry (the zeros too) multiplied by its channel's ``scale``, in one pass."""
     if bitmap.dtype != torch.uint8 or bitmap.device.type != "cpu" or bitmap.numel() < _nbytes(n):
         raise ValueError(f"bitmap must be {_nbytes(n)} uint8 bytes on the CPU for {n} entries")
     bitmap = bitmap.contiguous()
-    out = torch.empty(n, dtype=values.dtype)
+    out = _output(values, n, out)
     marked = _loaded().fm_scatter_scaled(
         values.data_ptr(), values.numel(), bitmap.data_ptr(), n, scale.data_ptr(), inner, scale.numel(), out.data_ptr()
     )

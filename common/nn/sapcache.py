@@ -245,8 +245,9 @@ def _encode_absolute(x: torch.Tensor, threshold: float | None, value_format: str
     return _from_encoded(value_format, enc, values.to(storage))
 
 
-def decode_cache(cache: SapCache) -> torch.Tensor:
-    """The dense activation a :class:`SapCache` holds (dropped entries 0), validating it first."""
+def decode_cache(cache: SapCache, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense activation a :class:`SapCache` holds (dropped entries 0), validating it first; decoded
+    into ``out`` when given (:func:`common.sparse.codec.decode`)."""
     if not isinstance(cache, SapCache):
         raise CodecError(f"expected a SapCache, got {type(cache).__name__}")
     if cache.value_format not in _STORAGE:
@@ -278,5 +279,5 @@ def decode_cache(cache: SapCache) -> torch.Tensor:
         positions = extend_bitmap(positions, cache.outside, cache.reference, math.prod(cache.shape))
     enc = EncodedTensor(cache.fmt, cache.shape, cache.dtype, cache.nnz, values.to(cache.dtype), positions)
     if scale is None:
-        return decode(enc)
-    return decode(enc, channel_scale=(scale, channel_geometry(cache.shape, cache.axis)[0]))
+        return decode(enc, out=out)
+    return decode(enc, channel_scale=(scale, channel_geometry(cache.shape, cache.axis)[0]), out=out)

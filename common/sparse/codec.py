@@ -337,45 +337,59 @@ def _counts_from_ends(ends: torch.Tensor, m: int, what: str) -> torch.Tensor:
     return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
-def decode(enc: EncodedTensor, channel_scale: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+def decode(
+    enc: EncodedTensor, channel_scale: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact inverse of ``encode`` / ``encode_masked`` (FedMef App. 7.1), validating first.
 
     ``channel_scale``: ``(scale, inner)``, a 1-D float tensor of one factor per channel and the
     channel's run length: every decoded entry ``i`` (zeros included) is multiplied by
     ``scale[(i // inner) % len(scale)]`` (SAP's int8 cache, :mod:`common.nn.sapcache`). A bitmap on
     the native path does it inside the scatter, else the decoded tensor is multiplied; the products
-    are the same."""
+    are the same.
+
+    ``out``: a contiguous 1-D tensor of the decoded size, dtype and device to decode into (every entry
+    is written), so that a caller decoding many tensors in turn can reuse one buffer; the result is
+    then a view of it."""
+    if out is not None:
+        _, _, _, _, n, _ = _check_structure(enc)
+        if out.dim() != 1 or out.numel() != n or out.dtype != enc.dtype or not out.is_contiguous():
+            raise CodecError(f"out must be a contiguous 1-D {enc.dtype} tensor of {n} entries")
+        if out.device != enc.values.device:
+            raise CodecError(f"out is on {out.device}, the values on {enc.values.device}")
     if channel_scale is None:
-        return _decode(enc)
+        return _decode(enc, out)
     scale, inner = channel_scale
     fmt, shape, _, _, n, pos_bits = _check_structure(enc)
     if fmt is SparseFormat.BITMAP and n and bitkernels.usable(enc.values, scale):
         _check_zero_padding(enc.positions, pos_bits)
         try:
-            return bitkernels.scatter_scaled(enc.values, enc.positions, n, scale, inner).reshape(shape)
+            return bitkernels.scatter_scaled(enc.values, enc.positions, n, scale, inner, out).reshape(shape)
         except ValueError as err:
             raise CodecError(str(err)) from None
-    out = _decode(enc)
+    decoded = _decode(enc, out)
     if n:
-        out.view(-1, scale.numel(), inner).mul_(scale.view(1, -1, 1))
-    return out
+        decoded.view(-1, scale.numel(), inner).mul_(scale.view(1, -1, 1))
+    return decoded
 
 
-def _decode(enc: EncodedTensor) -> torch.Tensor:
+def _decode(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     fmt, shape, n_r, n_c, n, pos_bits = _check_structure(enc)
     m, values, positions = enc.nnz, enc.values, enc.positions
     device = values.device
     _check_zero_padding(positions, pos_bits)
     if fmt is SparseFormat.DENSE:
+        if out is not None:
+            return out.copy_(values.reshape(-1)).reshape(shape)
         return values.clone(memory_format=torch.contiguous_format).reshape(shape)
 
     try:
         if fmt is SparseFormat.BITMAP and bitkernels.usable(values):
             try:
-                return bitkernels.scatter(values, positions, n).reshape(shape)
+                return bitkernels.scatter(values, positions, n, out).reshape(shape)
             except ValueError as err:
                 raise CodecError(str(err)) from None
-        out = torch.zeros(n, dtype=enc.dtype, device=device)
+        out = torch.zeros(n, dtype=enc.dtype, device=device) if out is None else out.zero_()
     except RuntimeError as err:
         # Sparse formats carry n only in metadata, so a hostile shape must not crash the peer;
         # callers decoding untrusted data should also compare enc.shape with what they expect.
