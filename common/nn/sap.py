@@ -113,8 +113,9 @@ class _DecodeScratch(threading.local):
     serves them all. Without it every decode is a fresh allocation, and with the mmap threshold of
     :data:`common.measure.runtime.TRAINING_ENV` (which keeps the peak low) a fresh mapping, faulted in
     and zeroed by the kernel page by page, by both threads at once (``python -m bench.memory``:
-    MobileNetV2's fp32 SAP step went from 1.49x to 1.11x of NSConv's, peak RSS unchanged). The buffer goes when a masked layer next
-    runs forward, so it is never held beside a forward pass's activations."""
+    MobileNetV2's fp32 SAP step went from 1.49x to 1.11x of NSConv's, peak RSS unchanged). The buffer
+    goes when a masked layer next runs forward, so it is never held beside a forward pass's
+    activations."""
 
     buffer: torch.Tensor | None = None
 
