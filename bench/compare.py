@@ -295,13 +295,34 @@ def adjustment_drops(results: Mapping[str, Any]) -> list[float]:
 LATE_ROUNDS = 10
 
 
+def _late_change(values: list[float], window: int) -> float:
+    if len(values) < 2 * window:
+        return math.nan
+    return statistics.fmean(values[-window:]) - statistics.fmean(values[-2 * window : -window])
+
+
 def late_gain(results: Mapping[str, Any], window: int = LATE_ROUNDS) -> float:
     """Mean test accuracy of the last ``window`` rounds minus that of the ``window`` before them: near 0
     when the curve has flattened by the end; NaN for a run shorter than two windows."""
-    accuracies = _finite(r.get("accuracy") for r in results.get("rounds", []))
-    if len(accuracies) < 2 * window:
-        return math.nan
-    return statistics.fmean(accuracies[-window:]) - statistics.fmean(accuracies[-2 * window : -window])
+    return _late_change(_finite(r.get("accuracy") for r in results.get("rounds", [])), window)
+
+
+def late_loss_change(results: Mapping[str, Any], window: int = LATE_ROUNDS) -> tuple[float, float]:
+    """As :func:`late_gain`, for the server's test loss and for the clients' training loss (per round,
+    the mean over its clients). Side by side they tell a run whose clients still fit their data better
+    (both fall) from one whose aggregate improves while the clients' local fit does not (the test loss
+    falls, the training loss stays)."""
+    rounds = results.get("rounds", [])
+    train = [
+        statistics.fmean(losses) for r in rounds if (losses := _finite(c.get("loss") for c in r.get("clients", [])))
+    ]
+    return _late_change(_finite(r.get("loss") for r in rounds), window), _late_change(train, window)
+
+
+def examples_processed(results: Mapping[str, Any]) -> int:
+    """Training examples the clients went through over the whole run (an example seen twice counts
+    twice): how much training a protocol buys, to set against the size of the training set."""
+    return sum(int(c.get("examples") or 0) for r in results.get("rounds", []) for c in r.get("clients", []))
 
 
 def validation_accuracy(results: Mapping[str, Any]) -> float | None:
@@ -359,6 +380,9 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             "final10_accuracy": _stats(_finite(late.values())),
             "final10_by_seed": {seed: 100 * v for seed, v in late.items() if v is not None},
             "late_gain": _stats(_finite(late_gain(f) for f in files)),
+            "late_test_loss_change": _stats(_finite(late_loss_change(f)[0] for f in files)),
+            "late_train_loss_change": _stats(_finite(late_loss_change(f)[1] for f in files)),
+            "examples_processed": _stats([float(examples_processed(f)) for f in files]),
             "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
             "adjustment_drop": _stats([statistics.fmean(d) for f in files if (d := adjustment_drops(f))]),
@@ -433,6 +457,22 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
             f"| {_cell(r['adjustment_drop'], 100)} | {_cell(r.get('adjustment_change', {}), 100)} "
             f"| {_cell(r['bae_worst_squeeze'])} | {_halved(r)} | {_cell(r['bytes_ratio_vs_dense'], 1, 3)} "
             f"| {_cell(r['activation_mib'])} | {_cell(r['peak_rss_mb'], 1, 0)} |"
+        )
+    lines += [
+        "",
+        f"How far training got: examples the clients trained on per run (mean over seeds), and the change "
+        f"of the server's test loss and of the clients' training loss from the {LATE_ROUNDS} rounds before "
+        f"the last {LATE_ROUNDS} to the last {LATE_ROUNDS}.",
+        "",
+        "| run | examples trained on | late change, test loss | late change, training loss |",
+        "|---|---|---|---|",
+    ]
+    for run, r in summary["runs"].items():
+        examples = r.get("examples_processed", {})
+        trained = f"{examples['mean']:,.0f}" if examples.get("n") else "n/a"
+        lines.append(
+            f"| {run} | {trained} | {_cell(r.get('late_test_loss_change', {}), 1, 3)} "
+            f"| {_cell(r.get('late_train_loss_change', {}), 1, 3)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -105,6 +105,23 @@ def test_the_late_gain_is_the_last_ten_rounds_over_the_ten_before_and_needs_twen
     assert "| 50.00 ± 0.00 | 20.00 ± 0.00 |" in table and "| 30.00 ± 0.00 | n/a |" in table
 
 
+def test_how_far_training_got_counts_examples_and_compares_late_test_and_training_losses(lab):
+    root, _ = lab
+    log = ResultsLog(root / "toy" / "a-s0" / "results.json", {"strategy": "fedavg"})
+    for i in range(1, 26):  # rounds 6-15 against 16-25: the test loss falls by 0.5, the training loss rises by 0.1
+        clients = [{"examples": 100, "loss": 1.0 + 0.1 * (i > 15) + d} for d in (-0.2, 0.2)]
+        log.add_round({"round": i, "accuracy": 0.5, "loss": 2.0 - 0.5 * (i > 15), "clients": clients})
+    log.finish()
+    results = compare.read_results(root / "toy" / "a-s0" / "results.json")
+    assert compare.examples_processed(results) == 25 * 2 * 100
+    assert compare.late_loss_change(results) == pytest.approx((-0.5, 0.1))
+    a = compare.summarize_protocol("toy")["runs"]["a"]
+    assert a["examples_processed"]["mean"] == 5000
+    assert a["late_test_loss_change"]["mean"] == pytest.approx(-0.5)
+    assert a["late_train_loss_change"]["mean"] == pytest.approx(0.1)
+    assert "| a | 5,000 | -0.500 ± 0.000 | 0.100 ± 0.000 |" in (root / "toy" / "summary.md").read_text()
+
+
 def test_drops_of_both_signs_cancel_in_the_mean_drop_not_in_its_absolute_value(lab):
     root, _ = lab
     _write_run(root / "toy" / "a-s0", [0.5, 0.5], drops=(0.02, -0.02))
