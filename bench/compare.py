@@ -349,6 +349,26 @@ def bae_squeeze(results: Mapping[str, Any]) -> list[float]:
     return ratios
 
 
+#: the run every other run is compared with, seed by seed, where a protocol has it
+REFERENCE_RUN = "fedmef"
+
+
+def paired_differences(table: Mapping[str, Any], reference: str = REFERENCE_RUN) -> dict[str, Any]:
+    """``reference`` minus every other run in last-10 accuracy (points), seed by seed over the seeds
+    both finished: within a protocol a seed fixes the initial model, the partitions and, from seed 1
+    on, the clients of each round, so the paired difference leaves out what the seeds share."""
+    if reference not in table:
+        return {}
+    ref = table[reference]["final10_by_seed"]
+    paired = {}
+    for run, row in table.items():
+        seeds = sorted(set(ref) & set(row["final10_by_seed"])) if run != reference else []
+        if seeds:
+            by_seed = {seed: ref[seed] - row["final10_by_seed"][seed] for seed in seeds}
+            paired[run] = {"reference": reference, "by_seed": by_seed, **_stats(list(by_seed.values()))}
+    return paired
+
+
 def summarize_protocol(name: str) -> dict[str, Any]:
     """Mean ± std and min/max over the finished seeds of every run of ``name``, from the run files."""
     protocol = PROTOCOLS[name]
@@ -407,6 +427,7 @@ def summarize_protocol(name: str) -> dict[str, Any]:
         "computed": datetime.now(UTC).isoformat(),
         "host": platform.node(),
         "runs": table,
+        "paired_vs_reference": paired_differences(table),
     }
     write_json_atomic(out / "summary.json", summary)
     (out / "summary.md").write_text(markdown_summary(summary))
@@ -474,6 +495,19 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
             f"| {run} | {trained} | {_cell(r.get('late_test_loss_change', {}), 1, 3)} "
             f"| {_cell(r.get('late_train_loss_change', {}), 1, 3)} |"
         )
+    paired = summary.get("paired_vs_reference", {})
+    if paired:
+        reference = next(iter(paired.values()))["reference"]
+        lines += [
+            "",
+            f"{reference} minus each run, paired by seed: last-{LATE_ROUNDS} accuracy, points.",
+            "",
+            "| run | seeds | mean ± std | by seed |",
+            "|---|---|---|---|",
+        ]
+        for run, d in paired.items():
+            by_seed = ", ".join(f"{seed}: {v:+.2f}" for seed, v in d["by_seed"].items())
+            lines.append(f"| {run} | {d['n']} | {_cell(d)} | {by_seed} |")
     return "\n".join(lines) + "\n"
 
 

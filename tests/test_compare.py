@@ -122,6 +122,22 @@ def test_how_far_training_got_counts_examples_and_compares_late_test_and_trainin
     assert "| a | 5,000 | -0.500 ± 0.000 | 0.100 ± 0.000 |" in (root / "toy" / "summary.md").read_text()
 
 
+def test_fedmef_is_compared_with_every_run_seed_by_seed_over_the_seeds_both_finished(lab, monkeypatch):
+    root, _ = lab
+    runs = {"fedmef": {}, "fedtiny": {}, "fedavg": {}}
+    monkeypatch.setitem(compare.PROTOCOLS, "pair", compare.Protocol("compare_fmnist.toml", 2, "pair", runs=runs))
+    for seed, acc in {0: 0.30, 1: 0.40, 2: 0.50}.items():
+        _write_run(root / "pair" / f"fedmef-s{seed}", [acc])
+    for seed, acc in {0: 0.35, 2: 0.52}.items():  # fedtiny's seed 1 did not run
+        _write_run(root / "pair" / f"fedtiny-s{seed}", [acc])
+    paired = compare.summarize_protocol("pair")["paired_vs_reference"]
+    assert set(paired) == {"fedtiny"}  # not fedmef against itself, nor fedavg, which has no seed
+    assert paired["fedtiny"]["by_seed"] == pytest.approx({0: -5.0, 2: -2.0})
+    assert paired["fedtiny"]["mean"] == pytest.approx(-3.5) and paired["fedtiny"]["n"] == 2
+    assert "| fedtiny | 2 | -3.50 ± 2.12 | 0: -5.00, 2: -2.00 |" in (root / "pair" / "summary.md").read_text()
+    assert compare.summarize_protocol("toy")["paired_vs_reference"] == {}  # a protocol without FedMef
+
+
 def test_drops_of_both_signs_cancel_in_the_mean_drop_not_in_its_absolute_value(lab):
     root, _ = lab
     _write_run(root / "toy" / "a-s0", [0.5, 0.5], drops=(0.02, -0.02))
