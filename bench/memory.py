@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,8 @@ CONFIGS = (
 )
 PARAM_SPARSITIES = (0.0, 0.9)
 BATCH, STEPS, WARMUP, REPEATS = 64, 8, 1, 3
+#: what each child records per timed step, pooled over the repeats
+PER_STEP = ("step_seconds", "step_kernel_seconds", "step_minor_faults")
 # the configurations whose step times are compared with NSConv's (the target is on the SAP formats as
 # they run by default; the full bitmaps are measured once, for their bytes)
 TIMED = ("nsconv", *(label for (_, pos), label in SAP_CONFIGS.items() if POSITIONS[pos]), "nsconv+checkpoint")
@@ -168,9 +171,9 @@ def measure(
     model = _model(model_name, norm, act_sparsity, sap_format, param_sparsity, sap_relative, checkpoint_segments)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
-    times, held = [], None
+    times, kernel, faults, held = [], [], [], None
     for step in range(WARMUP + steps):
-        start = time.perf_counter()
+        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with SavedTensorMeter(model) as meter:
             loss = F.cross_entropy(model(x), y)
@@ -178,6 +181,11 @@ def measure(
         optimizer.step()
         if step >= WARMUP:
             times.append(time.perf_counter() - start)
+            # Where a step's time goes besides arithmetic: pages faulted in (and zeroed) by the kernel
+            # for fresh allocations, which the project's mmap threshold makes of every large tensor.
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            kernel.append(after.ru_stime - usage.ru_stime)
+            faults.append(after.ru_minflt - usage.ru_minflt)
         held = meter.held
     params = list(model.parameters())
     costs = profile_layers(model, x)
@@ -194,6 +202,8 @@ def measure(
         "peak_rss_bytes": runtime.peak_rss_bytes(),
         "step_seconds_median": statistics.median(times),
         "step_seconds": times,
+        "step_kernel_seconds": kernel,
+        "step_minor_faults": faults,
         # a sparse model as FedMef holds it (top-K gradients included), a dense one as FedAvg; SAP as run
         "estimate_bytes": estimate.footprint(METHODS["fedmef" if sparse else "fedavg"], sap),
         "estimate_terms": estimate.__dict__,
@@ -224,8 +234,9 @@ def mib(n: float) -> str:
 def table(results: dict) -> str:
     rows = [
         "| model | config | s_tm | held for backward (MiB) | params | grads | optim | peak RSS | estimate (app. 7.2) "
-        "| step s (median) | step s, glibc | peak RSS, glibc | train GFLOP/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step s (median) | of it in the kernel | minor faults/step | step s, glibc | peak RSS, glibc "
+        "| train GFLOP/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model_name, entry in results["models"].items():
         for r in entry["configs"].values():
@@ -234,6 +245,8 @@ def table(results: dict) -> str:
                 f"| {model_name} | {r['config']} | {r['param_sparsity']} | {mib(r['activation_bytes'])} | "
                 f"{mib(r['parameter_bytes'])} | {mib(r['gradient_bytes'])} | {mib(r['optimizer_bytes'])} | "
                 f"{mib(r['peak_rss_bytes'])} | {mib(r['estimate_bytes'])} | {r['step_seconds_median']:.2f} | "
+                f"{_or_dash(r.get('step_kernel_seconds_median'), '{:.2f}')} | "
+                f"{_or_dash(r.get('step_minor_faults_median'), '{:,.0f}')} | "
                 f"{_or_dash(glibc.get('step_seconds_median'), '{:.2f}')} | "
                 f"{_or_dash(glibc.get('peak_rss_bytes'), mib)} | "
                 f"{r['train_flops_per_step'] / 1e9:.1f} |"
@@ -394,15 +407,17 @@ def main() -> None:
                             "checkpoint_segments": c.checkpoint_segments,
                             "param_sparsity": s,
                             **r,
-                            "glibc": glibc and {k: glibc[k] for k in ("allocator", "step_seconds", "peak_rss_bytes")},
+                            "glibc": glibc and {k: glibc[k] for k in ("allocator", "peak_rss_bytes", *PER_STEP)},
                         }
                     else:
-                        configs[key]["step_seconds"] += r["step_seconds"]
-                        if glibc:
-                            configs[key]["glibc"]["step_seconds"] += glibc["step_seconds"]
+                        for k in PER_STEP:
+                            configs[key][k] += r[k]
+                            if glibc:
+                                configs[key]["glibc"][k] += glibc[k]
         for entry in configs.values():  # over every run's steps
             for timed in filter(None, (entry, entry["glibc"])):
-                timed["step_seconds_median"] = statistics.median(timed["step_seconds"])
+                for k in PER_STEP:
+                    timed[f"{k}_median"] = statistics.median(timed[k])
         ratios = {}
         for s in args.param_sparsities:
             plain, sap = configs[f"nsconv@{s}"], configs[f"nsconv+sap@{s}"]

@@ -5,6 +5,7 @@ format's, and the ``sap-format`` key flowing from the run config to the layers."
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -477,6 +478,10 @@ def test_bench_memory_measures_a_training_step_beside_the_appendix_estimate():
     r = memory.measure("mobilenetv2", "nsconv", 0.9, 0.9, batch=2, steps=1, sap_format="int8")
     assert 0 < r["activation_bytes"] < r["estimate_bytes"]
     assert len(r["step_seconds"]) == 1 and r["step_seconds_median"] > 0
+    # where the step's time went besides arithmetic: kernel time within it, pages faulted in
+    assert len(r["step_kernel_seconds"]) == len(r["step_minor_faults"]) == 1
+    assert 0 <= r["step_kernel_seconds"][0] <= r["step_seconds"][0] * (os.cpu_count() or 1) + 0.05
+    assert r["step_minor_faults"][0] >= 0
     assert r["gradient_bytes"] == r["parameter_bytes"]
 
 
