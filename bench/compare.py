@@ -391,6 +391,7 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             seed: summarize(f, last=LATE_ROUNDS)["final_accuracy"] for (seed, _), f in zip(seeds, files, strict=True)
         }
         squeeze = [max(q, default=math.nan) for q in squeezes]  # the round that squeezed least
+        losses = [late_loss_change(f) for f in files]
         table[run] = {
             "seeds": [s for s, _ in seeds],
             "final_accuracy": _stats(_finite(s["final_accuracy"] for s in summaries)),
@@ -400,8 +401,8 @@ def summarize_protocol(name: str) -> dict[str, Any]:
             "final10_accuracy": _stats(_finite(late.values())),
             "final10_by_seed": {seed: 100 * v for seed, v in late.items() if v is not None},
             "late_gain": _stats(_finite(late_gain(f) for f in files)),
-            "late_test_loss_change": _stats(_finite(late_loss_change(f)[0] for f in files)),
-            "late_train_loss_change": _stats(_finite(late_loss_change(f)[1] for f in files)),
+            "late_test_loss_change": _stats(_finite(test for test, _ in losses)),
+            "late_train_loss_change": _stats(_finite(train for _, train in losses)),
             "examples_processed": _stats([float(examples_processed(f)) for f in files]),
             "val_accuracy": _stats(_finite(validation_accuracy(f) for f in files)),
             "best_accuracy": _stats(_finite(s["best_accuracy"] for s in summaries)),
