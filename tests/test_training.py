@@ -66,7 +66,24 @@ def test_sap_accuracy_prices_a_format_against_fp32_sap_paired_by_seed():
     table = summary_table({REFERENCE: runs(0.50, 0.60), "nsconv+sap-conv-int8": runs(0.49, 0.62)}, "t")
     row = next(line for line in table.splitlines() if line.startswith("| nsconv+sap-conv-int8 "))
     assert "| 55.50 ± 9.19 |" in row  # the accuracies themselves
-    assert "| +0.50 ± 2.12 |" in row  # -1 and +2 points against the same seeds of fp32 SAP
+    assert "| +0.50 ± 2.12 | - | 1 of 2 |" in row  # -1 and +2 points against fp32 SAP's seeds; no interval from 2
+
+
+def test_sap_accuracy_bounds_a_paired_cost_by_the_t_interval_of_its_mean():
+    from bench.sap_accuracy import REFERENCE, mean_interval, summary_table, t_quantile
+
+    for p, df, exact, tolerance in [(0.975, 3, 3.1824, 5e-3), (0.975, 5, 2.5706, 5e-4), (0.975, 49, 2.0096, 5e-4)]:
+        assert t_quantile(p, df) == pytest.approx(exact, abs=tolerance)
+    assert t_quantile(0.95, 49) == pytest.approx(1.6766, abs=5e-4)
+    lo, hi = mean_interval([-1.0, 0.0, 1.0, 2.0])  # mean 0.5, std 1.291, t(0.975, 3) 3.182
+    assert (lo, hi) == pytest.approx((0.5 - 2.054, 0.5 + 2.054), abs=5e-3)
+
+    def runs(*accs):
+        return [{"seed": seed, "test_accuracy": acc, "train_seconds": 1.0} for seed, acc in enumerate(accs)]
+
+    table = summary_table({REFERENCE: runs(0.5, 0.5, 0.5, 0.5), "x": runs(0.49, 0.50, 0.51, 0.52)}, "t")
+    row = next(line for line in table.splitlines() if line.startswith("| x "))
+    assert "| +0.50 ± 1.29 | [-1.55, +2.55] | 1 of 4 |" in row
 
 
 def test_sap_accuracy_gradients_put_the_lossy_formats_far_closer_to_fp32_than_sap_is_to_exact(tmp_path):
