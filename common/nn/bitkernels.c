@@ -295,21 +295,25 @@ int64_t fm_extend_bits(const uint8_t *sub, int64_t sub_nbytes, const uint8_t *re
    sapcache bit for bit (the same IEEE division, round half to even and product). */
 
 /* amax[c] = max |x_i| over channel c, NaN if one is NaN (as torch's max), 0 with no entries. Slices of
-   inner elements reduce in parallel, then fold into their channel. n is a multiple of inner. */
+   inner elements reduce in parallel, then fold into their channel. n is a multiple of inner.
+   With the sign bit cleared, IEEE floats order as their bit patterns do as unsigned integers, NaNs
+   above +inf, so each slice takes an integer maximum: a float max-reduction does not vectorize without
+   -ffast-math (NaN and signed-zero rules), and this pass over the whole activation ran at a third of
+   the selection's speed. */
 void fm_channel_absmax(const float *x, int64_t n, int64_t inner, int64_t channels, float *amax) {
     int64_t slices = inner ? n / inner : 0;
     float *slice_max = malloc(sizeof(float) * (slices ? slices : 1));
     #pragma omp parallel for schedule(static)
     for (int64_t s = 0; s < slices; s++) {
-        const float *p = x + s * inner;
-        float m = 0.0f;
-        int nan = 0;
+        const uint32_t *p = (const uint32_t *)(x + s * inner);
+        uint32_t m = 0;
         for (int64_t i = 0; i < inner; i++) {
-            float a = fabsf(p[i]);
+            uint32_t a = p[i] & 0x7FFFFFFFu;
             m = a > m ? a : m;
-            nan |= a != a;
         }
-        slice_max[s] = nan ? NAN : m;
+        float f;
+        memcpy(&f, &m, sizeof f);
+        slice_max[s] = m > 0x7F800000u ? NAN : f;
     }
     for (int64_t c = 0; c < channels; c++) amax[c] = 0.0f;
     for (int64_t s = 0; s < slices; s++) {
