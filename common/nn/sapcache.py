@@ -33,7 +33,7 @@ per-channel maximum, a gather that divides and rounds only the kept entries, and
 multiplies by the scale as it writes, so its cache costs about what fp32's does (a 64x144x32x32 ReLU
 output on one thread of this machine: encode 92 -> 23 ms, decode 92 -> 31 ms, fp32's 10 and 32 ms;
 the maximum as an integer reduction, which vectorizes, then took encode from 16 to 12 ms against
-fp32's 8-9 ms, on a busier machine).
+fp32's 8-9 ms, on a busier machine; one-off timings, README "Benchmarks").
 fp16 / bf16 convert the kept values with torch, one extra pass over a tenth of the activation. The
 torch fallback computes the same expressions, so both paths agree bit for bit
 (``tests/test_sapcache.py``, ``tests/test_bitkernels.py``).
